@@ -1,0 +1,30 @@
+"""Run scales: how much each notebook trains.
+
+``small`` fits a 2-core CPU (each notebook in about 2 minutes; the test suite runs this);
+``large`` fits a Colab GPU (each notebook in about 10 minutes). The scale is chosen from the
+hardware and overridden by the environment variable ``ANNOTATED_RESNET_SCALE``. The paper's
+full recipe runs from the command line (``annotated-resnet train``), not in a notebook.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+SCALES = ("small", "large")
+SCALE_VARIABLE = "ANNOTATED_RESNET_SCALE"
+
+
+def run_scale() -> str:
+    """``$ANNOTATED_RESNET_SCALE`` if set, else ``large`` with a CUDA GPU and ``small`` without."""
+    chosen = os.environ.get(SCALE_VARIABLE, "").strip().lower()
+    if chosen and chosen not in SCALES:
+        raise ValueError(f"{SCALE_VARIABLE}={chosen!r} is not a run scale; expected one of {SCALES} "
+                         f"(or leave it unset to choose by hardware)")
+    return chosen or ("large" if torch.cuda.is_available() else "small")
+
+
+def at_scale(small, large):
+    """Pick the value for the current run scale: ``at_scale(small=200, large=4000)``."""
+    return small if run_scale() == "small" else large
