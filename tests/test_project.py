@@ -1,0 +1,43 @@
+"""The project's own files: pyproject.toml and environment.yml describe one environment."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONDA_TO_PIP = {"pytorch": "torch"}  # conda-forge's name for the same package
+
+
+def _split(requirement: str) -> tuple[str, str]:
+    name, bound = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*(.*)", requirement).groups()
+    return name.lower(), bound.replace(" ", "")
+
+
+def pyproject_requirements() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    return dict(_split(r) for r in requirements)
+
+
+def environment_requirements() -> dict[str, str]:
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    conda = [d for d in env["dependencies"] if isinstance(d, str) and not d.startswith(("python", "pip"))]
+    return {CONDA_TO_PIP.get(name, name): bound for name, bound in map(_split, conda)}
+
+
+def test_environment_yml_and_pyproject_name_the_same_packages_and_bounds():
+    assert environment_requirements() == pyproject_requirements()
+
+
+def test_environment_yml_installs_the_package_itself():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip_section = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip_section == ["-e ."]
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text()
+    assert "make test" in readme
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
