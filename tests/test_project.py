@@ -41,3 +41,12 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make test" in readme
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_badge_is_built_from_the_one_place_that_names_the_repository():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
+    colab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab)
+    assert colab.badge_source("01_abstract.ipynb") in (ROOT / "README.md").read_text()
