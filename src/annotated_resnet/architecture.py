@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .model import IMAGENET_LAYOUTS, BasicBlock, Bottleneck, ResNet, imagenet_resnet
+from .model import IMAGENET_LAYOUTS, BasicBlock, Bottleneck, ResNet, ZeroPadShortcut, imagenet_resnet
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -92,3 +92,79 @@ def format_table1(rows: list[dict]) -> str:
     lines.append(f"{'params':<18}" + "".join(f"{r['params']:<{w},}" for r in rows))
     lines.append(f"{'GMACs':<18}" + "".join(f"{r['gmacs']:<{w}.3f}" for r in rows))
     return "\n".join(line.rstrip() for line in lines)
+
+
+def _shortcut_description(block: nn.Module) -> str:
+    """What the shortcut of one block does to x (Sec. 3.3): identity, option A or a projection."""
+    if not block.has_shortcut:
+        return "no shortcut (plain)"
+    if block.downsample is None:
+        return "identity"
+    if isinstance(block.downsample, ZeroPadShortcut):
+        a = block.downsample
+        return f"option A: subsample /{a.stride}, append {a.extra_channels} zero channels (no parameters)"
+    conv = block.downsample[0]
+    return f"projection W_s: 1x1 conv/{conv.stride[0]}, {conv.in_channels}->{conv.out_channels} channels, BN"
+
+
+def trace_shapes(model: ResNet, input_size: int = 224) -> list[dict]:
+    """Every step of one forward pass, in order, with the shape (C, H, W) it outputs.
+
+    Steps are named as in Table 1: ``conv1``, ``maxpool``, ``conv3_1`` (stage 3, block 1),
+    ``conv3_1 shortcut`` (the shortcut path of a block that changes dimensions, the dotted
+    lines of Fig. 3), ``avgpool`` and ``fc``. Each row is a dict with ``step``, ``what``
+    (the operation in words) and ``shape``.
+    """
+    if not isinstance(model, ResNet):
+        raise TypeError(f"expected an annotated_resnet.ResNet, got {type(model).__name__}")
+    steps: list[tuple[str, str, nn.Module]] = []
+    conv = model.conv1
+    steps.append(("conv1", f"{conv.kernel_size[0]}x{conv.kernel_size[1]} conv/{conv.stride[0]}, "
+                           f"{conv.out_channels} filters, BN, ReLU", model.relu))
+    if isinstance(model.maxpool, nn.MaxPool2d):
+        steps.append(("maxpool", f"{model.maxpool.kernel_size}x{model.maxpool.kernel_size} max pool/"
+                                 f"{model.maxpool.stride}", model.maxpool))
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage):
+            name = f"conv{s + 2}_{b + 1}"
+            stride = block.conv1.stride[0] * block.conv2.stride[0]
+            layout = block_layout(block) + (f", stride {stride}" if stride > 1 else "")
+            if block.downsample is not None:
+                steps.append((f"{name} shortcut", _shortcut_description(block), block.downsample))
+            adds = ("no shortcut" if not block.has_shortcut else
+                    "adds x" if block.downsample is None else "adds the shortcut above")
+            steps.append((name, f"{layout}; {adds}", block))
+    steps.append(("avgpool", "global average pool, flatten", model.avgpool))
+    steps.append(("fc", f"fully connected, {model.fc.out_features} outputs", model.fc))
+
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            shapes.setdefault(name, tuple(output.flatten(1).shape[1:] if name == "avgpool" else output.shape[1:]))
+        return hook
+
+    hooks = [module.register_forward_hook(record(name)) for name, _, module in steps]
+    x = torch.zeros(1, model.in_channels, input_size, input_size)
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    input_row = {"step": "input", "what": f"{input_size}x{input_size} image", "shape": tuple(x.shape[1:])}
+    return [input_row] + [{"step": name, "what": what, "shape": shapes[name]} for name, what, _ in steps]
+
+
+def format_trace(rows: list[dict]) -> str:
+    """The rows of :func:`trace_shapes` as a text table: step, output shape, operation."""
+    width = max(len(r["step"]) for r in rows) + 2
+    return "\n".join(f"{r['step']:<{width}}{'x'.join(map(str, r['shape'])):<14}{r['what']}" for r in rows)
+
+
+def vgg19_multiply_adds(input_size: int = 224) -> int:
+    """Multiply-adds of VGG-19 (Fig. 3, left; 19.6 billion in Sec. 3.3), counted on
+    torchvision's VGG-19 with random weights (nothing is downloaded)."""
+    from torchvision.models import vgg19
+
+    return count_multiply_adds(vgg19(weights=None), input_size)
