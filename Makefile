@@ -7,7 +7,7 @@ BIN = $(VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -e ".[lab,test]"
+	$(BIN)/python -m pip install -q -e ".[lab,test]"
 	touch $@
 
 .PHONY: lab test
