@@ -47,8 +47,8 @@ SPLITS = ("train", "test")
 
 HOW_TO_PROVIDE = (
     "Provide CIFAR-10 in one of these ways:\n"
-    "  - with internet: load_cifar10() downloads it with torchvision into ./data "
-    "(or `annotated-resnet train ... --data data`);\n"
+    "  - with internet: give no source (no --data, no $ANNOTATED_RESNET_CIFAR10) and torchvision "
+    "downloads it into ./data;\n"
     f"  - point at a local copy: export {SOURCE_VARIABLE}=/path/to/cifar10.tar.gz or /path/to/cifar10 "
     "(an image-folder tree train/<class>/*.jpg, test/<class>/*.jpg, or a .tar.gz of one), "
     "or pass it as load_cifar10(source) / --data PATH."

@@ -1,0 +1,134 @@
+"""The paper's recipe (Sec. 4.2) as code, and training runs that stop, resume and fail cleanly.
+Every run here is tiny (a ResNet-8 at width 4 on 200 random images, CPU)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+
+from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor
+from annotated_resnet.model import cifar_resnet
+from annotated_resnet.train import (
+    DeviceBatches,
+    NonFiniteLossError,
+    Recipe,
+    evaluate,
+    load_checkpoint,
+    model_from_checkpoint,
+    paper_recipe,
+    train,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar():
+    rng = np.random.default_rng(0)
+    labels = np.arange(200) % 10
+    # images that carry a little class signal, so that training can lower the loss
+    images = rng.integers(0, 128, (200, 32, 32, 3)).astype(np.uint8) + (labels * 12)[:, None, None, None].astype(np.uint8)
+    return CIFAR10(images, labels, images[:50].copy(), labels[:50].copy(), CLASSES, "random test images")
+
+
+def tiny_recipe(**changes):
+    recipe = paper_recipe("resnet20").scaled(iterations=30, batch_size=16, validation=0)
+    return Recipe(**{**recipe.__dict__, **changes})
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return cifar_resnet(8, base_width=4)
+
+
+def test_paper_recipe_has_section_4_2_numbers():
+    recipe = paper_recipe("resnet56")
+    assert (recipe.iterations, recipe.batch_size, recipe.lr, recipe.milestones) == (64_000, 128, 0.1, (32_000, 48_000))
+    assert (recipe.momentum, recipe.weight_decay, recipe.validation, recipe.warmup_lr) == (0.9, 1e-4, 5000, None)
+    assert [recipe.lr_at(i) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+    deep = paper_recipe("resnet110")
+    assert deep.warmup_lr == 0.01 and deep.lr_at(0, warmed_up=False) == 0.01 and deep.lr_at(0) == 0.1
+    with pytest.raises(ValueError, match="valid names: resnet20"):
+        paper_recipe("resnet50")
+
+
+def test_scaled_recipe_keeps_the_milestones_in_proportion():
+    small = paper_recipe("resnet20").scaled(iterations=300, batch_size=32, validation=0)
+    assert small.milestones == (150, 225) and small.batch_size == 32 and small.validation == 0
+    assert small.paper_iterations == 64_000 and "0.00469x" in small.describe()
+    assert "the paper's full schedule" in paper_recipe("resnet20").describe()
+
+
+def test_evaluation_batches_are_the_unaugmented_images(tiny_cifar):
+    mean = pixel_mean(tiny_cifar.train_images)
+    batches = DeviceBatches(tiny_cifar.test_images, tiny_cifar.test_labels, 20, mean, train=False)
+    images = torch.cat([x for x, _ in batches])
+    assert len(batches) == 3 and torch.equal(images, normalize(to_tensor(tiny_cifar.test_images), mean))
+    training = DeviceBatches(tiny_cifar.train_images, tiny_cifar.train_labels, 16, mean, train=True)
+    x, y = next(iter(training))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert len(training) == 200 // 16  # full batches only
+
+
+def test_training_logs_every_epoch_and_lowers_the_loss(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=36, lr=0.05)
+    result = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path)
+    assert [r["iteration"] for r in result.history] == [12, 24, 36] and result.stopped is None
+    lines = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lines == result.history
+    assert set(lines[0]) == {"epoch", "iteration", "train_loss", "train_error", "val_error", "test_error", "lr", "seconds"}
+    assert lines[-1]["train_loss"] < lines[0]["train_loss"]
+    assert lines[0]["lr"] == 0.05 and lines[-1]["lr"] == pytest.approx(0.0005)
+    error = evaluate(result.model, tiny_cifar.test_images, tiny_cifar.test_labels, mean=result.mean)
+    assert error == pytest.approx(lines[-1]["test_error"], abs=1e-6)
+
+
+def test_validation_split_gives_a_val_error(tiny_cifar):
+    recipe = tiny_recipe(iterations=10, validation=50)
+    result = train(tiny_model(), tiny_cifar, recipe, progress=False)
+    assert result.history[-1]["val_error"] is not None and result.history[-1]["iteration"] == 9 + 1
+
+
+class StopAfterEpoch(Callback):
+    order = 90  # after the checkpoint is written
+
+    def after_epoch(self):
+        raise CancelFitException()
+
+
+def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_cifar, tmp_path):
+    recipe = tiny_recipe()
+    whole = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "whole")
+    first = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", cbs=[StopAfterEpoch()])
+    assert first.history[-1]["iteration"] == 12
+    with pytest.raises(FileExistsError, match="resume"):
+        train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts")
+    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", resume=True)
+    assert resumed.history[-1]["iteration"] == 30 == whole.history[-1]["iteration"]
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    assert strip(resumed.history) == strip(whole.history)
+    checkpoint = load_checkpoint(tmp_path / "parts")  # weights_only=True
+    assert checkpoint["run"]["iteration"] == 30
+    assert torch.equal(model_from_checkpoint(checkpoint).state_dict()["fc.weight"], whole.model.state_dict()["fc.weight"])
+    with pytest.raises(ValueError, match="another model or recipe"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(lr=0.2), progress=False, out=tmp_path / "parts", resume=True)
+
+
+class ExplodeInSecondEpoch(Callback):
+    order = 6  # after PaperSchedule has set the recipe's rate
+
+    def before_batch(self):
+        if self.training and self.epoch >= 1:
+            self.opt.set_hypers(lr=1e10)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"iteration 1[3-9] .*checkpoint.pt \(iteration 12\), is kept"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(iterations=24), progress=False, out=tmp_path,
+              cbs=[ExplodeInSecondEpoch()])
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["run"]["iteration"] == 12 and len(checkpoint["run"]["history"]) == 1
+    assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values() if t.is_floating_point())
