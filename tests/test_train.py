@@ -2,6 +2,8 @@
 Every run here is tiny (a ResNet-8 at width 4 on 200 random images, CPU)."""
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -20,6 +22,15 @@ from annotated_resnet.train import (
     paper_recipe,
     train,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one thread runs them fastest (a second only adds waiting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +143,35 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tm
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["run"]["iteration"] == 12 and len(checkpoint["run"]["history"]) == 1
     assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values() if t.is_floating_point())
+
+
+class SignalAtIteration(Callback):
+    """Sends this process a real SIGTERM in the middle of the second epoch."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_batch(self):
+        if self.training and self.learn.run_recorder.run.iteration == self.iteration - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=24)
+    whole = train(tiny_model(), tiny_cifar, recipe, progress=False)
+    stopped = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[SignalAtIteration(17)])
+    assert stopped.stopped == "SIGTERM at iteration 17"
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["run"]["iteration"] == 17 and checkpoint["loader"]["skip"] == 5
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after training
+    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, resume=True)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+
+def test_warm_up_runs_at_its_rate_until_the_training_error_is_low_enough(tiny_cifar):
+    never = tiny_recipe(iterations=12, warmup_lr=0.01, warmup_until_error=0.0)
+    assert train(tiny_model(), tiny_cifar, never, progress=False).history[-1]["lr"] == 0.01
+    at_once = tiny_recipe(iterations=12, warmup_lr=0.01, warmup_until_error=1.0)
+    assert train(tiny_model(), tiny_cifar, at_once, progress=False).history[-1]["lr"] == at_once.lr

@@ -1,0 +1,118 @@
+"""The command line: help, clear errors, a tiny training run, evaluation, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from annotated_resnet.cli import build_parser, main, recipe_from_args
+from annotated_resnet.data import CLASSES, SOURCE_VARIABLE
+from annotated_resnet.train import load_checkpoint
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one thread runs them fastest (a second only adds waiting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    """A tiny CIFAR-10-shaped image-folder tree: 10 train and 2 test PNGs per class."""
+    root = tmp_path_factory.mktemp("cifar") / "cifar10"
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), ("test", 2)):
+        for c, name in enumerate(CLASSES):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 100, (32, 32, 3)) + 15 * c
+                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def tiny_run(image_tree, out, *extra):
+    return ["train", "resnet20", "--data", str(image_tree), "--out", str(out), "--batch-size", "10",
+            "--no-split", "--base-width", "4", "--device", "cpu", "--no-progress", *extra]
+
+
+def test_help_shows_examples(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "examples:" in help_text and "--resume" in help_text and SOURCE_VARIABLE in help_text
+
+
+def test_unknown_model_lists_the_valid_names(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "resnet57"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'resnet57'" in error and "resnet56" in error and "plain110" in error
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "expected a positive whole number"),
+    (["--lr", "-1"], "expected a positive number"),
+    (["--iterations", "10", "--scale-to", "10"], "not allowed with argument"),
+    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+])
+def test_bad_flags_get_clear_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "resnet20", *flags])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_iterations_stop_the_schedule_and_scale_to_shrinks_it():
+    parser = build_parser()
+    stopped = recipe_from_args(parser.parse_args(["train", "resnet56", "--iterations", "500"]))
+    assert stopped.iterations == 500 and stopped.milestones == (32_000, 48_000)
+    shrunk = recipe_from_args(parser.parse_args(["train", "resnet56", "--scale-to", "1000", "--no-split",
+                                                 "--batch-size", "64", "--lr", "0.05"]))
+    assert shrunk.milestones == (500, 750) and (shrunk.validation, shrunk.batch_size, shrunk.lr) == (0, 64, 0.05)
+    assert recipe_from_args(parser.parse_args(["train", "resnet110"])).warmup_lr == 0.01
+
+
+def test_missing_data_says_where_to_point(tmp_path, capsys):
+    assert main(["train", "resnet20", "--data", str(tmp_path / "missing.tar.gz"), "--out", str(tmp_path)]) == 1
+    assert SOURCE_VARIABLE in capsys.readouterr().err
+
+
+def test_train_then_evaluate(image_tree, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(tiny_run(image_tree, out, "--scale-to", "20")) == 0
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in history] == [10, 20]
+    printed = capsys.readouterr().out
+    assert "iteration 20" in printed and "done: 20 iterations" in printed
+    assert main(["evaluate", str(out / "checkpoint.pt"), "--data", str(image_tree), "--device", "cpu"]) == 0
+    assert f"test error {history[-1]['test_error']:.2%}" in capsys.readouterr().out
+    assert main(tiny_run(image_tree, out, "--scale-to", "20")) == 1  # the folder holds a run: --resume or another
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_sigterm_saves_and_exits_cleanly(image_tree, tmp_path):
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "annotated_resnet.cli", *tiny_run(image_tree, out, "--scale-to", "100000")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "log.jsonl").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "stopped by SIGTERM" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    checkpoint = load_checkpoint(out)
+    assert 10 <= checkpoint["run"]["iteration"] < 100_000
+    assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary file left behind
