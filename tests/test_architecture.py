@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torchvision
 
 from annotated_resnet import count_multiply_adds, count_parameters, create_model
-from annotated_resnet.architecture import format_trace, trace_shapes, vgg19_multiply_adds
+from annotated_resnet.architecture import format_trace, trace_shapes
 
 # The study group's question, answered (COURSE.md question 2): ResNet-34 on a 224x224 input.
 RESNET34_TRACE = {
@@ -62,7 +63,7 @@ def test_trace_rejects_other_models_and_small_inputs():
 
 def test_vgg19_costs_what_sec_3_3_says():
     # Sec. 3.3: VGG-19 19.6 billion FLOPs (multiply-adds); plain-34 3.6 billion, 18% of it.
-    vgg = vgg19_multiply_adds()
+    vgg = count_multiply_adds(torchvision.models.vgg19(weights=None))
     plain34 = count_multiply_adds(create_model("plain34"))
     assert round(vgg / 1e9, 1) == 19.6
     assert round(plain34 / 1e9, 1) == 3.6

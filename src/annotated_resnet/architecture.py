@@ -161,10 +161,3 @@ def format_trace(rows: list[dict]) -> str:
     width = max(len(r["step"]) for r in rows) + 2
     return "\n".join(f"{r['step']:<{width}}{'x'.join(map(str, r['shape'])):<14}{r['what']}" for r in rows)
 
-
-def vgg19_multiply_adds(input_size: int = 224) -> int:
-    """Multiply-adds of VGG-19 (Fig. 3, left; 19.6 billion in Sec. 3.3), counted on
-    torchvision's VGG-19 with random weights (nothing is downloaded)."""
-    from torchvision.models import vgg19
-
-    return count_multiply_adds(vgg19(weights=None), input_size)
