@@ -1,0 +1,255 @@
+"""One command that trains several CIFAR-10 runs side by side on one GPU within a time budget,
+and the loader for the finished runs ("reference runs") that the notebooks plot.
+
+    python -m annotated_resnet.gpu_job --runs plain20,plain56,resnet20,resnet56 \\
+        --budget-minutes 8 --out gpu/fig6 --data cifar10-jpeg.tar.gz --iterations 4000
+
+Each run is one ``annotated-resnet train`` process (the GPU interleaves their kernels);
+when the budget is spent the job sends each unfinished run SIGTERM, which saves its
+checkpoint. Running the same command again resumes every run from its checkpoint.
+
+The reference-run format (one folder per run; what :func:`load_reference_run` reads)::
+
+    <run>/log.jsonl         one JSON object per epoch: epoch, iteration, train_loss,
+                            train_error, val_error (null without a split), test_error, lr,
+                            seconds (wall-clock since the start of training)
+    <run>/weights-fp16.pt   the model's state_dict, floating tensors in fp16
+                            (``torch.load(..., weights_only=True)``; build the model with
+                            ``cifar_resnet(**provenance["model"])``)
+    <run>/provenance.json   where the numbers come from: GPU, torch version, data source,
+                            command, git commit, date, recipe (with its scaling), status
+
+The job also leaves ``checkpoint.pt`` (to resume) and ``train.out`` (the process's output) in
+each run folder; they are not part of the format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import load_cifar10
+from .train import (
+    CHECKPOINT_NAME,
+    CIFAR_MODEL_NAMES,
+    LOG_NAME,
+    atomic_save,
+    choose_device,
+    load_checkpoint,
+    paper_recipe,
+)
+
+WEIGHTS_NAME = "weights-fp16.pt"
+PROVENANCE_NAME = "provenance.json"
+OUTPUT_NAME = "train.out"
+REFERENCE_RUNS = Path(__file__).resolve().parent / "reference_runs"
+
+
+# --- Reading reference runs ---
+
+
+def list_reference_runs(folder: str | os.PathLike = REFERENCE_RUNS) -> list[str]:
+    """Names of the complete runs in ``folder`` (the package's shipped runs by default);
+    an empty list when the folder is absent or holds none."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if all((p / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)))
+
+
+def load_reference_run(path: str | os.PathLike) -> tuple[list[dict], dict, dict]:
+    """``(history, provenance, state_dict)`` of a finished run: ``path`` is a run folder, or
+    the name of a run shipped in ``annotated_resnet/reference_runs/``."""
+    folder = Path(path)
+    if not folder.is_dir() and not folder.is_absolute() and len(folder.parts) == 1:
+        shipped = list_reference_runs()
+        if not shipped:
+            raise FileNotFoundError(
+                f"no reference run {str(path)!r}: this copy of annotated_resnet ships no reference runs "
+                f"({REFERENCE_RUNS} is absent or empty). Make them on a GPU with "
+                "`python -m annotated_resnet.gpu_job --runs ... --out DIR` and pass a run folder.")
+        if folder.name not in shipped:
+            raise FileNotFoundError(f"no reference run {str(path)!r}; shipped runs: {', '.join(shipped)}")
+        folder = REFERENCE_RUNS / folder.name
+    missing = [n for n in (LOG_NAME, WEIGHTS_NAME, PROVENANCE_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{str(folder)!r} is not a finished run: {', '.join(missing)} missing "
+                                f"(expected {LOG_NAME}, {WEIGHTS_NAME}, {PROVENANCE_NAME})")
+    history = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
+    provenance = json.loads((folder / PROVENANCE_NAME).read_text())
+    state_dict = torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
+    return history, provenance, state_dict
+
+
+# --- Running the job ---
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m annotated_resnet.gpu_job", description=__doc__.split("\n\n")[0],
+        epilog="Rerun the same command to resume unfinished runs from their checkpoints.")
+    parser.add_argument("--runs", required=True, type=run_names, help="comma-separated model names, e.g. plain20,resnet20")
+    parser.add_argument("--budget-minutes", type=float, required=True, help="wall-clock budget for the whole job")
+    parser.add_argument("--out", required=True, type=Path, help="output folder, one subfolder per run")
+    parser.add_argument("--data", help="CIFAR-10 source (default: $ANNOTATED_RESNET_CIFAR10, else torchvision's download)")
+    parser.add_argument("--iterations", type=int, help="shrink each run's schedule to N iterations (default: the paper's 64k)")
+    parser.add_argument("--batch-size", type=int, help="mini-batch size (paper: 128)")
+    parser.add_argument("--no-split", action="store_true", help="train on all 50k images (paper: 45k/5k split)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cuda (default when there is one) or cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--base-width", type=int, help="filters of the first stage (paper: 16)")
+    parser.add_argument("--train-per-class", type=int, help="train on a class-balanced subset")
+    parser.add_argument("--test-per-class", type=int, help="test on a class-balanced subset")
+    return parser
+
+
+def run_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in CIFAR_MODEL_NAMES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown run(s) {unknown or text!r}; valid names: {', '.join(CIFAR_MODEL_NAMES)}")
+    return names
+
+
+def recipe_for(name: str, args):
+    """Each run's recipe: the paper's, shrunk to ``--iterations`` and changed by the flags."""
+    recipe = paper_recipe(name)
+    if args.iterations:
+        recipe = recipe.scaled(iterations=args.iterations)
+    return recipe.scaled(batch_size=args.batch_size, validation=0 if args.no_split else None)
+
+
+def train_command(name: str, folder: Path, args, resume: bool) -> list[str]:
+    """The ``annotated-resnet train`` command line of one run (the same recipe as :func:`recipe_for`)."""
+    command = [sys.executable, "-m", "annotated_resnet.cli", "train", name, "--out", str(folder),
+               "--seed", str(args.seed), "--no-progress"]
+    options = {"--data": args.data, "--scale-to": args.iterations, "--batch-size": args.batch_size,
+               "--device": args.device, "--base-width": args.base_width,
+               "--train-per-class": args.train_per_class, "--test-per-class": args.test_per_class}
+    for flag, value in options.items():
+        if value is not None:
+            command += [flag, str(value)]
+    flags = {"--no-split": args.no_split, "--compile": args.compile, "--resume": resume}
+    return command + [flag for flag, on in flags.items() if on]
+
+
+def is_finished(folder: Path, recipe) -> bool:
+    path = folder / CHECKPOINT_NAME
+    return path.exists() and load_checkpoint(path)["run"]["iteration"] >= recipe.iterations
+
+
+def run_job(args) -> dict[str, str]:
+    """Start every unfinished run, wait for them within the budget, stop the rest with
+    SIGTERM (they checkpoint), then write each run's weights and provenance. Returns each
+    run's status."""
+    started = time.monotonic()
+    deadline = started + 60 * args.budget_minutes
+    cifar = load_cifar10(args.data)  # decodes once and fills the cache that the runs read
+    args.out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // len(args.runs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    processes = {}
+    for name in args.runs:
+        folder = args.out / name
+        folder.mkdir(exist_ok=True)
+        if is_finished(folder, recipe_for(name, args)):
+            print(f"{name}: already finished", flush=True)
+            continue
+        resume = (folder / CHECKPOINT_NAME).exists()
+        print(f"{name}: {'resuming' if resume else 'starting'}", flush=True)
+        with open(folder / OUTPUT_NAME, "a") as output:
+            processes[name] = subprocess.Popen(train_command(name, folder, args, resume), stdout=output,
+                                               stderr=subprocess.STDOUT, env=env)
+    try:
+        while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
+            time.sleep(1)
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
+        for process in processes.values():
+            process.wait()
+    return {name: write_results(args.out / name, name, args, cifar.source, time.monotonic() - started)
+            for name in args.runs}
+
+
+def write_results(folder: Path, name: str, args, source: str, wall_seconds: float) -> str:
+    """``weights-fp16.pt`` and ``provenance.json`` from the run's checkpoint; the run's status."""
+    if not (folder / CHECKPOINT_NAME).exists():
+        return f"no checkpoint (see {folder / OUTPUT_NAME})"
+    checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
+    recipe = recipe_for(name, args)
+    iteration = checkpoint["run"]["iteration"]
+    status = "finished" if iteration >= recipe.iterations else \
+        f"stopped at iteration {iteration:,} of {recipe.iterations:,}; rerun the same command to continue"
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model_state"].items()}
+    atomic_save(weights, folder / WEIGHTS_NAME)
+    history = checkpoint["run"]["history"]
+    provenance = {
+        "run": name, "status": status, "iterations_done": iteration,
+        "final_test_error": history[-1]["test_error"] if history else None,
+        "device": device_name(args.device), "precision": precision(args.device), "torch": torch.__version__,
+        "data": {**checkpoint["data"], "source": source},
+        "command": shlex.join([sys.executable, "-m", "annotated_resnet.gpu_job", *sys.argv[1:]]),
+        "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "recipe": {**dataclasses.asdict(recipe), "description": recipe.describe()},
+        "model": checkpoint["model"], "seed": checkpoint["seed"],
+        "job_wall_seconds": round(wall_seconds, 1),
+    }
+    tmp = folder / f".{PROVENANCE_NAME}.tmp"
+    tmp.write_text(json.dumps(provenance, indent=2) + "\n")
+    os.replace(tmp, folder / PROVENANCE_NAME)
+    return status
+
+
+def device_name(device: str | None) -> str:
+    device = choose_device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+
+
+def precision(device: str | None) -> str:
+    """What :func:`annotated_resnet.train.train` uses on that device."""
+    return "bf16 autocast, channels_last" if choose_device(device).type == "cuda" else "fp32"
+
+
+def git_commit() -> str | None:
+    """The commit of the code that ran (with ``-dirty`` if it had changes), if git knows it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        statuses = run_job(args)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, status in statuses.items():
+        print(f"{name}: {status}")
+    return 0 if all(status == "finished" for status in statuses.values()) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The GPU job at a tiny scale on the CPU: two runs side by side, the reference-run files,
+resuming from its own checkpoints, and the reference-run loader."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastai.callback.core import Callback, CancelFitException
+from PIL import Image
+
+from annotated_resnet import gpu_job
+from annotated_resnet.data import CLASSES, load_cifar10
+from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, main
+from annotated_resnet.model import cifar_resnet
+from annotated_resnet.train import paper_recipe, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These networks are tiny: one thread runs them fastest (a second only adds waiting)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def image_tree(tmp_path_factory):
+    """A tiny CIFAR-10-shaped image-folder tree: 5 train and 2 test PNGs per class."""
+    root = tmp_path_factory.mktemp("cifar") / "cifar10"
+    rng = np.random.default_rng(1)
+    for split, count in (("train", 5), ("test", 2)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def job_args(image_tree, out):
+    return ["--runs", "plain20,resnet20", "--budget-minutes", "3", "--out", str(out), "--data", str(image_tree),
+            "--iterations", "10", "--batch-size", "10", "--no-split", "--device", "cpu", "--base-width", "4"]
+
+
+class StopAfterEpoch(Callback):
+    order = 90
+
+    def after_epoch(self):
+        raise CancelFitException()
+
+
+def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the data cache goes to ./data
+    out = tmp_path / "job"
+    # a run stopped after its first epoch, as the budget would leave it
+    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10, validation=0)
+    torch.manual_seed(0)
+    partial = train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
+                    out=out / "resnet20", cbs=[StopAfterEpoch()])
+    assert partial.history[-1]["iteration"] == 5
+
+    assert main(job_args(image_tree, out)) == 0
+    printed = capsys.readouterr().out
+    assert "resnet20: resuming" in printed and "plain20: starting" in printed
+    for name in ("plain20", "resnet20"):
+        history, provenance, state_dict = load_reference_run(out / name)
+        assert [r["iteration"] for r in history] == [5, 10]
+        assert provenance["status"] == "finished" and provenance["torch"] == torch.__version__
+        assert provenance["recipe"]["iterations"] == 10 and provenance["recipe"]["milestones"] == [5, 8]
+        assert "CPU" in provenance["device"] and provenance["precision"] == "fp32"
+        assert str(image_tree) in provenance["data"]["source"] and "gpu_job" in provenance["command"]
+        assert provenance["date"].startswith("20")
+        assert state_dict["fc.weight"].dtype == torch.float16
+        model = cifar_resnet(**provenance["model"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
+    # resnet20 continued from its checkpoint: its first epoch is the one trained before the job
+    history, _, _ = load_reference_run(out / "resnet20")
+    assert history[0] == partial.history[0]
+    # a rerun finds both runs finished and trains nothing
+    before = (out / "plain20" / "checkpoint.pt").stat().st_mtime_ns
+    assert main(job_args(image_tree, out)) == 0
+    assert "plain20: already finished" in capsys.readouterr().out
+    assert (out / "plain20" / "checkpoint.pt").stat().st_mtime_ns == before
+
+
+def test_unknown_run_names_are_listed(capsys):
+    with pytest.raises(SystemExit):
+        main(["--runs", "resnet20,resnet21", "--budget-minutes", "1", "--out", "x"])
+    assert "resnet21" in capsys.readouterr().err
+
+
+def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_job, "REFERENCE_RUNS", tmp_path / "reference_runs")
+    assert list_reference_runs() == []
+    with pytest.raises(FileNotFoundError, match="ships no reference runs"):
+        load_reference_run("resnet56")
+    (tmp_path / "reference_runs" / "resnet56").mkdir(parents=True)
+    (tmp_path / "reference_runs" / "resnet56" / "log.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
+    with pytest.raises(FileNotFoundError, match="weights-fp16.pt, provenance.json missing"):
+        load_reference_run(tmp_path / "reference_runs" / "resnet56")
