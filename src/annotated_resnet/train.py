@@ -251,8 +251,7 @@ class NonFiniteLossError(RuntimeError):
 class RunRecorder(Callback):
     """Per-epoch statistics, the JSON-lines log, checkpoints, and the run's clean ends.
 
-    After every training batch it accumulates loss and error (on the device, no sync),
-    stops on a non-finite loss (keeping the last good checkpoint) and honours a stop
+    After every training batch it accumulates loss and error (on the device), stops on a non-finite loss (keeping the last good checkpoint) and honours a stop
     request by saving a checkpoint at that very batch. After every epoch it evaluates the
     test set (and takes the validation error from fastai's validation pass), appends a
     record to ``log.jsonl`` and writes the checkpoint.
@@ -301,7 +300,7 @@ class RunRecorder(Callback):
 
     def after_epoch(self):
         run = self.run_state_now()
-        images = max(1, self.trainer.images_in_epoch(run.batches_in_epoch))
+        images = max(1, run.batches_in_epoch * self.trainer.recipe.batch_size)
         fastai_error = float(self.learn.final_record[-1])  # error_rate on dls.valid
         has_split = self.trainer.has_validation
         record = {
@@ -311,10 +310,11 @@ class RunRecorder(Callback):
             "train_error": round(run.error_sum / images, 6),
             "val_error": round(fastai_error, 6) if has_split else None,
             "test_error": round(self.trainer.test_error() if has_split else fastai_error, 6),
-            "lr": self.opt.hypers[-1]["lr"],
+            "lr": float(f"{self.opt.hypers[-1]['lr']:.6g}"),
             "seconds": round(time.perf_counter() - self.started, 3),
         }
         run.history.append(record)
+        run.seconds = record["seconds"]
         run.epoch += 1
         run.batches_in_epoch, run.loss_sum, run.error_sum = 0, 0.0, 0.0
         self.trainer.save(run)
@@ -384,9 +384,6 @@ class _Trainer:
         self.data = {"source": cifar.source, "train_images": len(labels), "test_images": len(test_labels),
                      "validation_images": recipe.validation, "train_per_class": train_per_class,
                      "test_per_class": test_per_class, "data_seed": DATA_SEED}
-
-    def images_in_epoch(self, batches: int) -> int:
-        return batches * self.recipe.batch_size
 
     def test_error(self) -> float:
         return evaluate(self.model, self.test_batches)
