@@ -26,6 +26,12 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True)
+def work_in_tmp(tmp_path, monkeypatch):
+    """Runs write their data cache to ./data: keep it out of the project folder."""
+    monkeypatch.chdir(tmp_path)
+
+
 @pytest.fixture(scope="module")
 def image_tree(tmp_path_factory):
     """A tiny CIFAR-10-shaped image-folder tree: 10 train and 2 test PNGs per class."""
@@ -105,7 +111,8 @@ def test_sigterm_saves_and_exits_cleanly(image_tree, tmp_path):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "annotated_resnet.cli", *tiny_run(image_tree, out, "--scale-to", "100000")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=tmp_path)
     deadline = time.time() + 120
     while not (out / "log.jsonl").exists() and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)

@@ -114,8 +114,8 @@ def _load_torchvision(root: Path, download: bool) -> CIFAR10:
 
 def _cached(path: Path, data_dir: Path, decode) -> CIFAR10:
     """Decode ``path`` once; later calls read the uint8 arrays from ``data_dir``."""
-    key = _source_key(path)
-    cache = data_dir / f"cifar10-{key}.npz"
+    place, state = _source_key(path)
+    cache = data_dir / f"cifar10-{place}-{state}.npz"
     if cache.exists():
         with np.load(cache) as arrays:
             info = json.loads(str(arrays["info"]))
@@ -129,19 +129,22 @@ def _cached(path: Path, data_dir: Path, decode) -> CIFAR10:
                  test_images=data.test_images, test_labels=data.test_labels, info=np.array(info))
     os.chmod(tmp.name, 0o644)
     os.replace(tmp.name, cache)  # atomic: a reader sees the old cache or the complete new one
+    for stale in data_dir.glob(f"cifar10-{place}-*.npz"):  # the same source as it was before it changed
+        if stale != cache:
+            stale.unlink(missing_ok=True)
     return data
 
 
-def _source_key(path: Path) -> str:
-    """A short hash of the source's absolute path, size and modification time (for a folder:
-    of every file in it), so that a changed source gets a new cache entry."""
+def _source_key(path: Path) -> tuple[str, str]:
+    """Short hashes of the source's absolute path and of its size and modification time (for
+    a folder: of every file in it), so that a changed source gets a new cache entry."""
     path = path.resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    digest = hashlib.sha256(str(path).encode())
+    state = hashlib.sha256()
     for file in files:
         stat = file.stat()
-        digest.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:16]
+        state.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return hashlib.sha256(str(path).encode()).hexdigest()[:8], state.hexdigest()[:12]
 
 
 def _describe(path: Path, names: list[str]) -> str:
