@@ -78,10 +78,11 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     history, _, _ = load_reference_run(out / "resnet20")
     assert history[0] == partial.history[0]
     # a rerun finds both runs finished and trains nothing
-    before = (out / "plain20" / "checkpoint.pt").stat().st_mtime_ns
+    files = ("checkpoint.pt", "provenance.json", "weights-fp16.pt")
+    before = [(out / "plain20" / f).stat().st_mtime_ns for f in files]
     assert main(job_args(image_tree, out)) == 0
     assert "plain20: already finished" in capsys.readouterr().out
-    assert (out / "plain20" / "checkpoint.pt").stat().st_mtime_ns == before
+    assert [(out / "plain20" / f).stat().st_mtime_ns for f in files] == before
 
 
 def test_unknown_run_names_are_listed(capsys):

@@ -161,12 +161,13 @@ def run_job(args) -> dict[str, str]:
     args.out.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // len(args.runs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    processes = {}
+    processes, done_before = {}, set()
     for name in args.runs:
         folder = args.out / name
         folder.mkdir(exist_ok=True)
-        if is_finished(folder, recipe_for(name, args)):
+        if is_finished(folder, recipe_for(name, args)) and (folder / PROVENANCE_NAME).exists():
             print(f"{name}: already finished", flush=True)
+            done_before.add(name)
             continue
         resume = (folder / CHECKPOINT_NAME).exists()
         print(f"{name}: {'resuming' if resume else 'starting'}", flush=True)
@@ -182,7 +183,8 @@ def run_job(args) -> dict[str, str]:
                 process.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
         for process in processes.values():
             process.wait()
-    return {name: write_results(args.out / name, name, args, cifar.source, time.monotonic() - started)
+    return {name: "finished" if name in done_before else
+            write_results(args.out / name, name, args, cifar.source, time.monotonic() - started)
             for name in args.runs}
 
 
