@@ -60,10 +60,10 @@ REFERENCE_RUNS = Path(__file__).resolve().parent / "reference_runs"
 # --- Reading reference runs ---
 
 
-def list_reference_runs(folder: str | os.PathLike = REFERENCE_RUNS) -> list[str]:
+def list_reference_runs(folder: str | os.PathLike | None = None) -> list[str]:
     """Names of the complete runs in ``folder`` (the package's shipped runs by default);
     an empty list when the folder is absent or holds none."""
-    folder = Path(folder)
+    folder = Path(folder) if folder is not None else REFERENCE_RUNS
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if all((p / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)))
