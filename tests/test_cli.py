@@ -7,23 +7,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from annotated_resnet.cli import build_parser, main, recipe_from_args
-from annotated_resnet.data import CLASSES, SOURCE_VARIABLE
+from annotated_resnet.data import SOURCE_VARIABLE
 from annotated_resnet.train import load_checkpoint
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread runs them fastest (a second only adds waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -33,17 +23,9 @@ def work_in_tmp(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def image_tree(tmp_path_factory):
-    """A tiny CIFAR-10-shaped image-folder tree: 10 train and 2 test PNGs per class."""
-    root = tmp_path_factory.mktemp("cifar") / "cifar10"
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 10), ("test", 2)):
-        for c, name in enumerate(CLASSES):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 100, (32, 32, 3)) + 15 * c
-                Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f"{i}.png")
-    return root
+def image_tree(make_image_tree):
+    """10 train and 2 test PNGs per class."""
+    return make_image_tree(10)
 
 
 def tiny_run(image_tree, out, *extra):

@@ -3,39 +3,24 @@ resuming from its own checkpoints, and the reference-run loader."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
-from PIL import Image
 
 from annotated_resnet import gpu_job
-from annotated_resnet.data import CLASSES, load_cifar10
+from annotated_resnet.data import load_cifar10
 from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, main
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.train import paper_recipe, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These networks are tiny: one thread runs them fastest (a second only adds waiting)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def image_tree(tmp_path_factory):
-    """A tiny CIFAR-10-shaped image-folder tree: 5 train and 2 test PNGs per class."""
-    root = tmp_path_factory.mktemp("cifar") / "cifar10"
-    rng = np.random.default_rng(1)
-    for split, count in (("train", 5), ("test", 2)):
-        for name in CLASSES:
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
-    return root
+def image_tree(make_image_tree):
+    """5 train and 2 test PNGs per class: 5 iterations per epoch at batch 10."""
+    return make_image_tree(5)
 
 
 def job_args(image_tree, out):
