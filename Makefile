@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 
 .PHONY: lab test
 lab: $(BIN)/.installed
-	$(BIN)/jupyter lab notebooks/
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest --nbval tests notebooks
