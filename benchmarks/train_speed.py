@@ -1,15 +1,18 @@
 """Training speed, measured side by side in one process on one device.
 
-1. Ours: the uint8 images live on the training device; each batch is shuffled, padded,
-   cropped, flipped and mean-subtracted there with tensor ops (annotated_resnet.train's
-   DeviceBatches), then one SGD step (bf16 autocast + channels_last on CUDA, fp32 on CPU).
+1. Ours: exactly what ``annotated_resnet.train.train`` does per training step. The uint8
+   images live on the training device; each batch is shuffled, padded, cropped, flipped and
+   mean-subtracted there (DeviceBatches); fastai's Learner runs the loop and our
+   StepCallback runs the step (fp32 on the CPU; bf16 autocast, channels_last, fused SGD and
+   a CUDA graph on a GPU). Timed with a callback from a warm-up batch to the end of the
+   epoch's training phase.
 2. The usual way: a torchvision-style CIFAR-10 dataset that turns each uint8 image into a
    PIL image and applies RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
    Normalize on the CPU, a DataLoader with worker processes, and a plain eager fp32 loop.
    (torchvision's CIFAR10 class does exactly this per image; it cannot download offline,
    so this dataset serves the same decoded images through the same code path.)
-3. fastai's Learner around the same model and our batches, against a bare loop: the cost
-   of the Learner per step.
+3. What fastai's Learner costs: the same batches and step in a bare Python loop. On a GPU,
+   also the same step without the CUDA graph, to show what the graph buys.
 
     python benchmarks/train_speed.py --model resnet20 --steps 30 --device cpu
 """
@@ -25,15 +28,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
-from annotated_resnet.data import load_cifar10, pixel_mean
+from annotated_resnet.data import CIFAR10, load_cifar10, pixel_mean
 from annotated_resnet.model import create_model
-from annotated_resnet.train import DeviceBatches, choose_device
+from annotated_resnet.train import DeviceBatches, TrainingStep, choose_device, paper_recipe, sgd, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.train quiets fastai's import
-from fastai.callback.fp16 import MixedPrecision  # noqa: E402
-from fastai.data.core import DataLoaders  # noqa: E402
-from fastai.learner import Learner  # noqa: E402
-from fastai.optimizer import OptimWrapper  # noqa: E402
 
 
 class UsualCIFAR10(torch.utils.data.Dataset):
@@ -50,28 +49,23 @@ class UsualCIFAR10(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
-def sgd(model):
-    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-
-
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed_loop(model, batches, steps, warmup, device, bf16):
-    """Images per second of ``steps`` full training steps (after ``warmup`` untimed ones)."""
-    optimizer, loss_func = sgd(model), nn.CrossEntropyLoss()
+def usual_seconds(model, loader, steps, warmup, device):
+    """Seconds for ``steps`` steps of the plain eager fp32 loop (after ``warmup`` untimed ones)."""
+    optimizer, loss_func = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4), nn.CrossEntropyLoss()
     model.train()
-    iterator = iter(batches)
+    iterator = iter(loader)
     for step in range(warmup + steps):
         if step == warmup:
             synchronize(device)
             start = time.perf_counter()
         x, y = next(iterator)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_func(model(x), y)
+        loss = loss_func(model(x), y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -79,8 +73,22 @@ def timed_loop(model, batches, steps, warmup, device, bf16):
     return time.perf_counter() - start
 
 
+def bare_seconds(model, batches, steps, warmup, device, graph):
+    """Seconds for ``steps`` of our batches and step in a bare loop, no Learner."""
+    recipe = paper_recipe("resnet20")
+    step = TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), recipe), device, graph=graph)
+    iterator = iter(batches)
+    for i in range(warmup + steps):
+        if i == warmup:
+            synchronize(device)
+            start = time.perf_counter()
+        step(*next(iterator), recipe.lr)
+    synchronize(device)
+    return time.perf_counter() - start
+
+
 class TrainTimer(Callback):
-    """Times fastai's training phase from its ``warmup``-th batch on."""
+    """Times fastai's training phase from its ``warmup``-th batch to its end."""
 
     def __init__(self, warmup, device):
         self.warmup, self.device = warmup, device
@@ -95,30 +103,25 @@ class TrainTimer(Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def fastai_seconds(model, batches, valid, steps, warmup, device, bf16):
-    opt_func = lambda params, lr: OptimWrapper(params, torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=1e-4)
+def ours_seconds(name, cifar, steps, warmup, batch_size, device, compile=False):
+    """Seconds for ``steps`` training steps inside :func:`train` (one epoch, validation and
+    test evaluation after it not timed)."""
     timer = TrainTimer(warmup, device)
-    learn = Learner(DataLoaders(batches, valid, device=device), model, loss_func=nn.CrossEntropyLoss(),
-                    opt_func=opt_func, lr=0.1, cbs=[timer])
-    learn.remove_cb(learn.progress)
-    learn.logger = lambda *args: None
-    if bf16:
-        learn.add_cb(MixedPrecision("bf16"))
-    batches.remaining = warmup + steps
-    learn.fit(1)
+    recipe = paper_recipe(name).scaled(iterations=warmup + steps, batch_size=batch_size, validation=0)
+    train(name, cifar, recipe, test_per_class=10, progress=False, device=device, compile=compile, cbs=[timer])
     return timer.seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56"])
+    parser.add_argument("--model", default="resnet20", choices=["resnet20", "resnet56", "resnet110"])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps before each measurement")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default=None)
     parser.add_argument("--data", default=None, help="CIFAR-10 source (see annotated_resnet.data)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                        help="DataLoader workers for the usual way")
+    parser.add_argument("--workers", type=int, nargs="+", default=[min(4, os.cpu_count() or 1)],
+                        help="DataLoader worker counts to time the usual way with (the fastest one counts)")
     parser.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
@@ -128,53 +131,60 @@ def main():
     device = choose_device(args.device)
     cuda = device.type == "cuda"
     cifar = load_cifar10(args.data)
+    n_images = args.batch_size * (args.steps + args.warmup)
+    if n_images > len(cifar.train_labels):
+        parser.error(f"--steps plus --warmup must fit one epoch: at most {len(cifar.train_labels) // args.batch_size}")
+    cifar = CIFAR10(cifar.train_images[:n_images], cifar.train_labels[:n_images], cifar.test_images,
+                    cifar.test_labels, cifar.classes, cifar.source)
     images, labels = cifar.train_images, cifar.train_labels
     mean = pixel_mean(images)
-    n_images = args.batch_size * (args.steps + args.warmup)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} torch threads"
     print(f"device: {name}; torch {torch.__version__}; model {args.model}; batch {args.batch_size}; "
-          f"{args.steps} timed steps after {args.warmup} warm-up steps\ndata: {cifar.source}\n")
+          f"{args.steps} timed steps after {args.warmup} warm-up steps\ndata: {cifar.source}\n", flush=True)
 
     def model():
         torch.manual_seed(0)
         net = create_model(args.model).to(device)
         return net.to(memory_format=torch.channels_last) if cuda else net
 
-    def ours():
-        batches = DeviceBatches(images, labels, args.batch_size, mean, train=True, device=device)
-        batches.channels_last = cuda
-        return batches
+    def batches():
+        loader = DeviceBatches(images, labels, args.batch_size, mean, train=True, device=device)
+        loader.channels_last = cuda
+        return loader
 
-    results = {}
-    results["ours"] = timed_loop(model(), ours(), args.steps, args.warmup, device, bf16=cuda)
+    seconds, label = {}, {}
+    ours = "fastai Learner + our step" + (" (bf16, channels_last, CUDA graph)" if cuda else " (fp32)")
+    label["ours"] = f"ours: train(), batches built on the {device.type}, {ours}"
+    seconds["ours"] = ours_seconds(args.model, cifar, args.steps, args.warmup, args.batch_size, device)
     if args.compile:
-        results["ours + torch.compile"] = timed_loop(torch.compile(model()), ours(), args.steps, args.warmup + 3,
-                                                     device, bf16=cuda)
+        label["ours_compiled"] = "ours with torch.compile"
+        seconds["ours_compiled"] = ours_seconds(args.model, cifar, args.steps, args.warmup, args.batch_size, device,
+                                                compile=True)
+    label["bare"] = "our batches and step in a bare loop (no Learner)"
+    seconds["bare"] = bare_seconds(model(), batches(), args.steps, args.warmup, device, graph=cuda)
+    if cuda:
+        label["bare_eager"] = "the same without the CUDA graph (eager step)"
+        seconds["bare_eager"] = bare_seconds(model(), batches(), args.steps, args.warmup, device, graph=False)
     usual_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                  T.Normalize(mean.mean((1, 2)).tolist(), [1.0, 1.0, 1.0])])
-    usual = torch.utils.data.DataLoader(UsualCIFAR10(images[:n_images], labels[:n_images], usual_transform),
-                                        batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                                        pin_memory=cuda, drop_last=True, persistent_workers=False)
-    usual_model = create_model(args.model).to(device)
-    results["usual"] = timed_loop(usual_model, usual, args.steps, args.warmup, device, bf16=False)
+    for workers in args.workers:
+        usual = torch.utils.data.DataLoader(UsualCIFAR10(images, labels, usual_transform), batch_size=args.batch_size,
+                                            shuffle=True, num_workers=workers, pin_memory=cuda, drop_last=True)
+        label[f"usual{workers}"] = f"usual: Dataset + DataLoader({workers} workers) with CPU transforms, eager fp32"
+        seconds[f"usual{workers}"] = usual_seconds(create_model(args.model).to(device), usual, args.steps,
+                                                   args.warmup, device)
 
-    rate = {k: args.batch_size * args.steps / s for k, s in results.items()}
-    label = {"ours": f"ours: batches built on the {device.type} ({'bf16 autocast, channels_last' if cuda else 'fp32'})",
-             "ours + torch.compile": "ours with torch.compile",
-             "usual": f"usual: Dataset + DataLoader({args.workers} workers) with CPU transforms, eager fp32"}
+    rate = {key: args.batch_size * args.steps / s for key, s in seconds.items()}
     for key, value in rate.items():
-        print(f"{label[key]:<78} {value:9.0f} images/s  {1000 * results[key] / args.steps:8.2f} ms/step")
-    print(f"ratio ours / usual: {rate['ours'] / rate['usual']:.2f}x\n")
-
-    valid = DeviceBatches(images[:args.batch_size], labels[:args.batch_size], args.batch_size, mean, train=False,
-                          device=device)
-    bare = timed_loop(model(), ours(), args.steps, args.warmup, device, bf16=cuda)
-    with_fastai = fastai_seconds(model(), ours(), valid, args.steps, args.warmup, device, bf16=cuda)
-    per_step = lambda seconds: 1000 * seconds / args.steps
-    print(f"bare loop over our batches:      {per_step(bare):8.2f} ms/step")
-    print(f"fastai Learner, same model/data: {per_step(with_fastai):8.2f} ms/step "
-          f"(overhead {per_step(with_fastai) - per_step(bare):+.2f} ms/step, "
-          f"{100 * (with_fastai / bare - 1):+.0f}%)")
+        print(f"{label[key]:<90} {value:9.0f} images/s  {1000 * seconds[key] / args.steps:7.2f} ms/step")
+    usual_best = max((k for k in rate if k.startswith("usual")), key=rate.get)
+    print(f"\nratio ours / usual (fastest DataLoader setting): {rate['ours'] / rate[usual_best]:.2f}x")
+    per_step = {key: 1000 * s / args.steps for key, s in seconds.items()}
+    print(f"fastai Learner overhead: {per_step['ours'] - per_step['bare']:+.2f} ms/step "
+          f"({100 * (seconds['ours'] / seconds['bare'] - 1):+.0f}% over the bare loop)")
+    if cuda:
+        print(f"CUDA graph: the bare step takes {per_step['bare']:.2f} ms instead of {per_step['bare_eager']:.2f} ms "
+              f"({seconds['bare_eager'] / seconds['bare']:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,25 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.data.core import DataLoaders
+from fastai.learner import AvgSmoothLoss, Learner
+from fastai.optimizer import OptimWrapper
+from torch import nn
 
 from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.train import (
     DeviceBatches,
+    DeviceSmoothLoss,
     NonFiniteLossError,
     Recipe,
+    StepCallback,
+    TrainingStep,
     evaluate,
     load_checkpoint,
     model_from_checkpoint,
     paper_recipe,
+    sgd,
     train,
 )
 
@@ -169,3 +177,83 @@ def test_warm_up_runs_at_its_rate_until_the_training_error_is_low_enough(tiny_ci
     assert train(tiny_model(), tiny_cifar, never, progress=False).history[-1]["lr"] == 0.01
     at_once = tiny_recipe(iterations=12, warmup_lr=0.01, warmup_until_error=1.0)
     assert train(tiny_model(), tiny_cifar, at_once, progress=False).history[-1]["lr"] == at_once.lr
+
+
+def test_our_training_step_is_fastais_step(tiny_cifar):
+    """The step that train() gives fastai's Learner (StepCallback) changes the weights
+    exactly as fastai's own forward/backward/step would."""
+    recipe = tiny_recipe(iterations=12)
+    images, labels = tiny_cifar.train_images, tiny_cifar.train_labels
+    mean = pixel_mean(images)
+    weights = []
+    for cbs in ([], [StepCallback()]):
+        batches = DeviceBatches(images, labels, recipe.batch_size, mean, train=True)
+        valid = DeviceBatches(images[:32], labels[:32], 32, mean, train=False)
+        learn = Learner(DataLoaders(batches, valid), tiny_model(), loss_func=nn.CrossEntropyLoss(),
+                        opt_func=lambda params, lr: OptimWrapper(opt=sgd(params, recipe, lr)), lr=recipe.lr, cbs=cbs)
+        learn.remove_cb(learn.progress)
+        with learn.no_logging():
+            learn.fit(1)
+        weights.append(learn.model.state_dict())
+    assert not torch.equal(weights[0]["fc.weight"], tiny_model().state_dict()["fc.weight"])  # it trained
+    assert len(weights[0]) == len(weights[1]) > 0
+    for name, tensor in weights[0].items():
+        assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_cuda_graph_steps_need_a_gpu_and_fused_sgd():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="CUDA device"):
+        TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), tiny_recipe()), torch.device("cpu"), graph=True)
+    if torch.cuda.is_available():
+        model = model.cuda()
+        unfused = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match="fused=True"):
+            TrainingStep(model, nn.CrossEntropyLoss(), unfused, torch.device("cuda"), graph=True)
+
+
+def test_smoothed_loss_on_the_device_equals_fastais(tiny_cifar):
+    ours, fastais = DeviceSmoothLoss(), AvgSmoothLoss()
+
+    class Losses:  # what the metrics read from a Learner
+        loss = None
+
+    for value in (2.3, 2.1, 1.7, 1.9):
+        Losses.loss = torch.tensor(value)
+        ours.accumulate(Losses)
+        fastais.accumulate(Losses)
+    assert ours.count == fastais.count == 4
+    assert torch.allclose(ours.value, fastais.value)
+
+
+def test_a_run_with_the_progress_bar_logs_the_same_epochs(tiny_cifar, capsys):
+    recipe = tiny_recipe(iterations=24)
+    quiet = train(tiny_model(), tiny_cifar, recipe, progress=False)
+    shown = train(tiny_model(), tiny_cifar, recipe, progress=True)
+    strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    assert strip(shown.history) == strip(quiet.history) and len(shown.history) == 2
+    assert "train_loss" in capsys.readouterr().out  # fastai's per-epoch table
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_step_trains_like_the_eager_step(tiny_cifar):
+    device = torch.device("cuda")
+    recipe = tiny_recipe()
+    images, labels = tiny_cifar.train_images, tiny_cifar.train_labels
+    batches = DeviceBatches(images, labels, recipe.batch_size, pixel_mean(images), train=True, device=device)
+    batch_list = [b for _ in range(3) for b in batches]  # 36 batches
+    params = {}
+    for graph in (False, True):
+        model = tiny_model().to(device)
+        step = TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), recipe), device, graph=graph)
+        losses = [step(x, y, recipe.lr)[1].item() for x, y in batch_list[:30]]
+        assert (step.captured is not None) == graph
+        before = [p.detach().clone() for p in model.parameters()]
+        for x, y in batch_list[30:]:
+            step(x, y, 0.0)  # a zero learning rate must freeze the weights, graph or not
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+        params[graph] = torch.cat([p.detach().flatten() for p in model.parameters()])
+        assert losses[-1] < losses[0]
+    initial = torch.cat([p.flatten() for p in tiny_model().parameters()]).to(device)
+    change = (params[False] - initial).norm()
+    assert (params[True] - params[False]).norm() < 0.05 * change

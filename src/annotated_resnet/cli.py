@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="initialisation, order and augmentation seed (default 0)")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU)")
+    train.add_argument("--no-cuda-graph", action="store_true",
+                       help="on a GPU, run each training step eagerly instead of as a CUDA graph")
     train.add_argument("--base-width", type=positive_int, metavar="W", help="filters of the first stage (paper: 16)")
     train.add_argument("--train-per-class", type=positive_int, metavar="K", help="train on K images per class")
     train.add_argument("--test-per-class", type=positive_int, metavar="K", help="test on K images per class")
@@ -123,6 +125,7 @@ def run_train(args) -> int:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, progress=not args.no_progress,
                        out=out, resume=args.resume, device=args.device, compile=args.compile,
+                       cuda_graph=not args.no_cuda_graph,
                        cbs=[EpochPrinter()] if args.no_progress else None)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)

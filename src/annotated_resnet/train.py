@@ -5,14 +5,19 @@ The recipe, in the paper's words turned into numbers: SGD with momentum 0.9 and 
 64k iterations, on a 45k/5k train/validation split; the 110-layer net warms up at 0.01 until
 its training error is below 80% (Sec. 4.2). The schedule counts iterations, not epochs.
 
-What is ours and what is fastai's: fastai's ``Learner`` runs the loop, its progress bar shows
-it, its ``MixedPrecision`` (bf16) and ``ChannelsLast`` callbacks speed it up on a GPU. The data
-loader is a small iterable that keeps the uint8 images on the training device and builds each
-batch there (shuffle, pad-crop-flip, mean subtraction: :mod:`annotated_resnet.data`). Two
-callbacks add what the paper's recipe and a long run need: :class:`PaperSchedule` (the
-iteration-based learning rate and the warm-up) and :class:`RunRecorder` (per-epoch JSON-lines
-log, atomic checkpoints with every random state, exact resume, clean stop on SIGTERM/Ctrl-C,
-stop on a non-finite loss).
+What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
+metrics, the progress bar, callbacks); its ``ChannelsLast`` and ``MixedPrecision`` (bf16)
+callbacks speed up a GPU. The data loader is a small iterable that keeps the uint8 images on
+the training device and builds each batch there (shuffle, pad-crop-flip, mean subtraction:
+:mod:`annotated_resnet.data`). Three callbacks add what the paper's recipe, a long run and a
+fast GPU need: :class:`PaperSchedule` (the iteration-based learning rate and the warm-up),
+:class:`StepCallback` (each training step as one :class:`TrainingStep`, replayed as a CUDA
+graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with
+every random state, exact resume, clean stop on SIGTERM/Ctrl-C, stop on a non-finite loss).
+
+Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
+host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps and when the progress
+bar redraws, so the host can queue the next steps while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -36,10 +41,11 @@ import torch
 # fastai's import scripts a function with torch.jit, which recent torch versions flag as deprecated
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelBatchException, CancelFitException
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
-from fastai.learner import Learner
+from fastai.learner import AvgSmoothLoss, Learner
 from fastai.metrics import error_rate
 from fastai.optimizer import OptimWrapper
 from torch import nn
@@ -53,6 +59,9 @@ LOG_NAME = "log.jsonl"
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
 DATA_SEED = 0
+#: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
+#: checkpoint); reading it every step would make the host wait for the GPU at every step.
+CHECK_EVERY = 100
 
 
 # --- The recipe (Sec. 4.2) ---
@@ -202,7 +211,149 @@ class DeviceBatches:
         self.skip = state["skip"]
 
 
-# --- The two callbacks ---
+# --- One training step ---
+
+
+class TrainingStep:
+    """Forward pass, cross-entropy loss, backward pass and SGD update for one batch.
+
+    On the CPU it runs eagerly in fp32. On a CUDA device it runs under bf16 autocast and,
+    after ``eager_steps`` ordinary steps, as a CUDA graph: a ResNet-20 step at batch 128 is
+    a few hundred small kernels, and launching them one by one from Python takes longer than
+    the GPU needs to run them, while a captured graph launches them all at once. The graph
+    reads each batch from fixed input tensors and the learning rate from a device tensor, so
+    the schedule still holds; the optimizer must be SGD with ``fused=True`` (one kernel that
+    takes its rate from that tensor). The eager steps before the capture let CUDA libraries
+    set themselves up, on a side stream as PyTorch's CUDA-graph notes ask. On a GPU it also
+    turns on ``torch.backends.cudnn.benchmark``: the shapes never change, so timing cuDNN's
+    algorithms once per shape pays off.
+    """
+
+    def __init__(self, model: nn.Module, loss_func, optimizer: torch.optim.Optimizer, device: torch.device,
+                 graph: bool | None = None, eager_steps: int = 3):
+        self.model, self.loss_func, self.optimizer, self.device = model, loss_func, optimizer, device
+        self.cuda = device.type == "cuda"
+        self.graph = self.cuda if graph is None else graph
+        if self.graph and not self.cuda:
+            raise ValueError("CUDA graphs need a CUDA device; use graph=False on the CPU")
+        if self.graph and not all(g.get("fused") for g in optimizer.param_groups):
+            raise ValueError("a graphed step needs torch.optim.SGD(..., fused=True), whose update reads the "
+                             "learning rate from a device tensor")
+        self.eager_steps, self.steps = eager_steps, 0
+        self.captured = None  # the CUDA graph, once captured
+        self.side_stream = torch.cuda.Stream(device) if self.cuda else None
+        if self.cuda:
+            torch.backends.cudnn.benchmark = True
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step at learning rate ``lr``; returns the predictions and the (detached) loss.
+        In graph mode both are the graph's output tensors, overwritten by the next step."""
+        self.steps += 1
+        if not self.graph:
+            return self._eager(images, labels, lr)
+        if self.steps <= self.eager_steps:
+            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self.side_stream):
+                outputs = self._eager(images, labels, lr)
+            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+            return outputs
+        if self.captured is None:
+            self._capture(images, labels)
+        self.images.copy_(images)
+        self.labels.copy_(labels)
+        if lr != self.lr_value:
+            self.lr.fill_(lr)
+            self.lr_value = lr
+        self.captured.replay()
+        return self.pred, self.loss
+
+    def _forward_backward(self, images, labels):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=False):
+            pred = self.model(images)
+            loss = self.loss_func(pred.float(), labels)
+        loss.backward()
+        self.optimizer.step()
+        return pred.detach(), loss.detach()
+
+    def _eager(self, images, labels, lr):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        outputs = self._forward_backward(images, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        return outputs
+
+    def _capture(self, images, labels):
+        self.images, self.labels = torch.empty_like(images), torch.empty_like(labels)
+        self.lr, self.lr_value = torch.zeros((), device=self.device), 0.0
+        groups = self.optimizer.param_groups
+        rates = [g["lr"] for g in groups]
+        for group in groups:
+            group["lr"] = self.lr  # the captured update reads the rate from this tensor
+        self.optimizer.zero_grad(set_to_none=True)  # the graph owns the gradients it computes
+        self.captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.captured):
+            self.pred, self.loss = self._forward_backward(self.images, self.labels)
+        for group, rate in zip(groups, rates):
+            group["lr"] = rate
+
+
+def sgd(params, recipe: Recipe, lr: float | None = None) -> torch.optim.SGD:
+    """Sec. 4.2's optimizer: SGD with the recipe's momentum and weight decay, at ``lr`` (the
+    recipe's by default); on a GPU one fused kernel updates every parameter."""
+    params = list(params)
+    return torch.optim.SGD(params, lr=recipe.lr if lr is None else lr, momentum=recipe.momentum,
+                           weight_decay=recipe.weight_decay, fused=params[0].is_cuda)
+
+
+# --- The callbacks ---
+
+
+class StepCallback(Callback):
+    """Runs each training batch as one :class:`TrainingStep` in place of fastai's own
+    forward/backward/step, then lets fastai's loop go on (its ``after_batch`` callbacks,
+    validation, metrics) as if fastai had done the step: the standard way to give a fastai
+    ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``)."""
+
+    order = 8  # after PaperSchedule (5) has set the learning rate; before MixedPrecision (10)
+
+    def __init__(self, graph: bool | None = None):
+        self.graph = graph
+
+    def before_fit(self):
+        device = next(self.model.parameters()).device
+        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph)
+
+    def before_batch(self):
+        if not self.training:
+            return
+        self.learn.pred, self.learn.loss = self.training_step(self.xb[0], self.yb[0], self.opt.hypers[-1]["lr"])
+        raise CancelBatchException()
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's smoothed training loss, kept on the training device (fastai's own copies
+    the loss to the CPU after every batch, which makes the host wait for the GPU)."""
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.detach().float().mean()
+        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
+
+
+class LazyProgress(ProgressCallback):
+    """fastai's progress bar, with the smoothed loss read from the device at most once a
+    second instead of after every batch."""
+
+    def before_train(self):
+        super().before_train()
+        self.loss_read_at = 0.0
+
+    def after_batch(self):
+        self.pbar.update(self.iter + 1)
+        now = time.monotonic()
+        if self.training and hasattr(self.learn, "smooth_loss") and now - self.loss_read_at > 1:
+            self.pbar.comment = f"{self.smooth_loss.item():.4f}"
+            self.loss_read_at = now
 
 
 class PaperSchedule(Callback):
@@ -251,16 +402,19 @@ class NonFiniteLossError(RuntimeError):
 class RunRecorder(Callback):
     """Per-epoch statistics, the JSON-lines log, checkpoints, and the run's clean ends.
 
-    After every training batch it accumulates loss and error (on the device), stops on a non-finite loss (keeping the last good checkpoint) and honours a stop
-    request by saving a checkpoint at that very batch. After every epoch it evaluates the
-    test set (and takes the validation error from fastai's validation pass), appends a
-    record to ``log.jsonl`` and writes the checkpoint.
+    After every training batch it adds loss and error to running sums on the device and
+    honours a stop request by saving a checkpoint at that very batch. It stops the run on a
+    non-finite loss, keeping the last good checkpoint: on the CPU it looks after every batch,
+    on a GPU every :data:`CHECK_EVERY` batches and before every checkpoint. After every epoch
+    it evaluates the test set (and takes the validation error from fastai's validation pass),
+    appends a record to ``log.jsonl`` and writes the checkpoint.
     """
 
     order = 55  # after fastai's Recorder (50), which has the validation error by then
 
     def __init__(self, run: RunState, trainer: _Trainer):
         self.run, self.trainer = run, trainer
+        self.check_every = 1 if trainer.device.type == "cpu" else CHECK_EVERY
         self.stop_signal: int | None = None  # set by the SIGTERM / Ctrl-C handler
         self.stopped: str | None = None
         self.failure: str | None = None
@@ -271,27 +425,37 @@ class RunRecorder(Callback):
     def before_epoch(self):
         self.loss_sum = torch.tensor(self.run.loss_sum, device=self.trainer.device)
         self.error_sum = torch.tensor(self.run.error_sum, device=self.trainer.device)
+        self.checked_iteration = self.run.iteration
 
     def after_batch(self):
         if not self.training:
             return
-        loss = self.loss.detach().float()
-        if not torch.isfinite(loss):
-            where = (f"the last good checkpoint, {self.trainer.checkpoint_path} (iteration "
-                     f"{self.trainer.saved_iteration}), is kept" if self.trainer.checkpoint_path else "nothing saved")
-            self.failure = (
-                f"the training loss became {loss.item()} at iteration {self.run.iteration + 1} "
-                f"(lr {self.opt.hypers[-1]['lr']:g}); the run stops and {where}. A smaller learning rate "
-                "(--lr) or the warm-up of Sec. 4.2 usually helps.")
-            raise NonFiniteLossError(self.failure)
-        self.loss_sum += loss * len(self.yb[0])
+        self.loss_sum += self.loss.detach().float() * len(self.yb[0])
         self.error_sum += (self.pred.argmax(1) != self.yb[0]).sum()
         self.run.iteration += 1
         self.run.batches_in_epoch += 1
+        if self.run.iteration - self.checked_iteration >= self.check_every:
+            self.check_finite()
         if self.stop_signal is not None:
+            self.check_finite()
             self.trainer.save(self.run_state_now())
             self.stopped = f"{signal.Signals(self.stop_signal).name} at iteration {self.run.iteration}"
             raise CancelFitException()
+
+    def check_finite(self):
+        """Stop the run if the loss of any step since the last check was NaN or infinite (the
+        running sum of the epoch's losses is then no longer finite)."""
+        if not torch.isfinite(self.loss_sum):
+            where = (f"the last good checkpoint, {self.trainer.checkpoint_path} (iteration "
+                     f"{self.trainer.saved_iteration}), is kept" if self.trainer.checkpoint_path else "nothing saved")
+            first, last = self.checked_iteration + 1, self.run.iteration
+            when = f"iteration {last}" if first == last else f"one of iterations {first}-{last}"
+            self.failure = (
+                f"the training loss became {self.loss_sum.item()} at {when} (lr {self.opt.hypers[-1]['lr']:g}); "
+                f"the run stops and {where}. A smaller learning rate (--lr) or the warm-up of Sec. 4.2 "
+                "usually helps.")
+            raise NonFiniteLossError(self.failure)
+        self.checked_iteration = self.run.iteration
 
     def run_state_now(self) -> RunState:
         self.run.seconds = time.perf_counter() - self.started
@@ -299,6 +463,7 @@ class RunRecorder(Callback):
         return self.run
 
     def after_epoch(self):
+        self.check_finite()
         run = self.run_state_now()
         images = max(1, run.batches_in_epoch * self.trainer.recipe.batch_size)
         fastai_error = float(self.learn.final_record[-1])  # error_rate on dls.valid
@@ -335,6 +500,11 @@ class TrainResult:
     mean: torch.Tensor
     out: Path | None = None
     stopped: str | None = None
+
+
+def _fastai_sgd(params, lr, recipe: Recipe) -> OptimWrapper:
+    """:func:`sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
+    return OptimWrapper(opt=sgd(params, recipe, lr))
 
 
 def describe_model(model: ResNet) -> dict:
@@ -376,7 +546,7 @@ class _Trainer:
             test_images, test_labels = balanced_subset(test_images, test_labels, test_per_class, DATA_SEED)
         self.mean = pixel_mean(images)
         self.train_batches = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device)
-        eval_batch = max(recipe.batch_size, 500)
+        eval_batch = max(recipe.batch_size, 5_000 if device.type == "cuda" else 1_000)
         self.test_batches = DeviceBatches(test_images, test_labels, eval_batch, self.mean, False, device=device)
         self.valid_batches = (DeviceBatches(val_images, val_labels, eval_batch, self.mean, False, device=device)
                               if self.has_validation else self.test_batches)
@@ -458,14 +628,15 @@ def _signal_handlers(recorder: RunRecorder):
 def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class: int | None = None,
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
-          compile: bool = False, cbs: list | None = None) -> TrainResult:
+          compile: bool = False, cuda_graph: bool = True, cbs: list | None = None) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``train_per_class`` / ``test_per_class`` take class-balanced subsets (small scales);
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
     ``resume`` continues from that folder's checkpoint and reaches the same weights as an
-    uninterrupted run. On a CUDA device training uses bf16 autocast and channels_last, and
-    ``compile=True`` adds ``torch.compile``; on the CPU it runs in fp32.
+    uninterrupted run. On a CUDA device training uses bf16 autocast, channels_last and a
+    CUDA-graphed step (``cuda_graph=False`` runs it eagerly), and ``compile=True`` adds
+    ``torch.compile``; on the CPU it runs in fp32.
     """
     device = choose_device(device)
     torch.manual_seed(seed)
@@ -490,19 +661,20 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
-    callbacks = [PaperSchedule(recipe, run), recorder] + list(cbs or [])
+    callbacks = [PaperSchedule(recipe, run), StepCallback(graph=cuda_graph and device.type == "cuda"), recorder]
     net = torch.compile(model) if compile else model
-    opt_func = partial(OptimWrapper, opt=torch.optim.SGD, momentum=recipe.momentum,
-                       weight_decay=recipe.weight_decay)
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
-    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=opt_func, lr=recipe.lr,
-                    metrics=error_rate, cbs=callbacks)
+    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe),
+                    lr=recipe.lr, metrics=error_rate, cbs=callbacks + list(cbs or []))
+    learn.recorder.smooth_loss = DeviceSmoothLoss()
+    learn.remove_cb(learn.progress)
+    if progress:
+        learn.add_cb(LazyProgress())
+    else:
+        learn.logger = lambda *args: None
     if device.type == "cuda":
         trainer.train_batches.channels_last = trainer.valid_batches.channels_last = True
-        learn.add_cbs([ChannelsLast(), MixedPrecision("bf16")])
-    if not progress:
-        learn.remove_cb(learn.progress)
-        learn.logger = lambda *args: None
+        learn.add_cbs([ChannelsLast(), MixedPrecision("bf16")])  # MixedPrecision: for the validation pass
     trainer.learn = learn
     learn.create_opt()
     if checkpoint is not None:
