@@ -226,7 +226,7 @@ def device_name(device: str | None) -> str:
 
 def precision(device: str | None) -> str:
     """What :func:`annotated_resnet.train.train` uses on that device."""
-    return "bf16 autocast, channels_last" if choose_device(device).type == "cuda" else "fp32"
+    return "bf16 autocast, channels_last, CUDA-graphed step" if choose_device(device).type == "cuda" else "fp32"
 
 
 def git_commit() -> str | None:

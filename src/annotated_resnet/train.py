@@ -16,8 +16,9 @@ graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic check
 every random state, exact resume, clean stop on SIGTERM/Ctrl-C, stop on a non-finite loss).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
-host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps and when the progress
-bar redraws, so the host can queue the next steps while the GPU runs this one.
+host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps, when the progress
+bar redraws and (during the 110-layer warm-up only) after every step, so the host can queue
+the next steps while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -224,9 +225,7 @@ class TrainingStep:
     reads each batch from fixed input tensors and the learning rate from a device tensor, so
     the schedule still holds; the optimizer must be SGD with ``fused=True`` (one kernel that
     takes its rate from that tensor). The eager steps before the capture let CUDA libraries
-    set themselves up, on a side stream as PyTorch's CUDA-graph notes ask. On a GPU it also
-    turns on ``torch.backends.cudnn.benchmark``: the shapes never change, so timing cuDNN's
-    algorithms once per shape pays off.
+    set themselves up, on a side stream as PyTorch's CUDA-graph notes ask.
     """
 
     def __init__(self, model: nn.Module, loss_func, optimizer: torch.optim.Optimizer, device: torch.device,
@@ -242,8 +241,6 @@ class TrainingStep:
         self.eager_steps, self.steps = eager_steps, 0
         self.captured = None  # the CUDA graph, once captured
         self.side_stream = torch.cuda.Stream(device) if self.cuda else None
-        if self.cuda:
-            torch.backends.cudnn.benchmark = True
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step at learning rate ``lr``; returns the predictions and the (detached) loss.
