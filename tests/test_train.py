@@ -147,6 +147,20 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tm
     assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values() if t.is_floating_point())
 
 
+class CheckEveryFiveSteps(Callback):
+    """Makes the run check the loss as rarely as it does on a GPU (there every CHECK_EVERY steps)."""
+
+    def before_fit(self):
+        self.learn.run_recorder.check_every = 5
+
+
+def test_a_loss_checked_every_few_steps_names_the_iterations_since_the_last_check(tiny_cifar, tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"one of iterations 13-17 .*checkpoint.pt \(iteration 12\), is kept"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(iterations=24), progress=False, out=tmp_path,
+              cbs=[ExplodeInSecondEpoch(), CheckEveryFiveSteps()])
+    assert load_checkpoint(tmp_path)["run"]["iteration"] == 12
+
+
 class SignalAtIteration(Callback):
     """Sends this process a real SIGTERM in the middle of the second epoch."""
 
