@@ -73,9 +73,9 @@ def usual_seconds(model, loader, steps, warmup, device):
     return time.perf_counter() - start
 
 
-def bare_seconds(model, batches, steps, warmup, device, graph):
+def bare_seconds(name, model, batches, steps, warmup, device, graph):
     """Seconds for ``steps`` of our batches and step in a bare loop, no Learner."""
-    recipe = paper_recipe("resnet20")
+    recipe = paper_recipe(name)
     step = TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), recipe), device, graph=graph)
     iterator = iter(batches)
     for i in range(warmup + steps):
@@ -161,10 +161,10 @@ def main():
         seconds["ours_compiled"] = ours_seconds(args.model, cifar, args.steps, args.warmup, args.batch_size, device,
                                                 compile=True)
     label["bare"] = "our batches and step in a bare loop (no Learner)"
-    seconds["bare"] = bare_seconds(model(), batches(), args.steps, args.warmup, device, graph=cuda)
+    seconds["bare"] = bare_seconds(args.model, model(), batches(), args.steps, args.warmup, device, graph=cuda)
     if cuda:
         label["bare_eager"] = "the same without the CUDA graph (eager step)"
-        seconds["bare_eager"] = bare_seconds(model(), batches(), args.steps, args.warmup, device, graph=False)
+        seconds["bare_eager"] = bare_seconds(args.model, model(), batches(), args.steps, args.warmup, device, graph=False)
     usual_transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
                                  T.Normalize(mean.mean((1, 2)).tolist(), [1.0, 1.0, 1.0])])
     for workers in args.workers:

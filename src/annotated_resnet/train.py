@@ -302,6 +302,11 @@ def sgd(params, recipe: Recipe, lr: float | None = None) -> torch.optim.SGD:
                            weight_decay=recipe.weight_decay, fused=params[0].is_cuda)
 
 
+def _fastai_sgd(params, lr, recipe: Recipe) -> OptimWrapper:
+    """:func:`sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
+    return OptimWrapper(opt=sgd(params, recipe, lr))
+
+
 # --- The callbacks ---
 
 
@@ -497,11 +502,6 @@ class TrainResult:
     mean: torch.Tensor
     out: Path | None = None
     stopped: str | None = None
-
-
-def _fastai_sgd(params, lr, recipe: Recipe) -> OptimWrapper:
-    """:func:`sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
-    return OptimWrapper(opt=sgd(params, recipe, lr))
 
 
 def describe_model(model: ResNet) -> dict:
