@@ -3,8 +3,8 @@
 1. Ours: exactly what ``annotated_resnet.train.train`` does per training step. The uint8
    images live on the training device; each batch is shuffled, padded, cropped, flipped and
    mean-subtracted there (DeviceBatches); fastai's Learner runs the loop and our
-   StepCallback runs the step (fp32 on the CPU; bf16 autocast, channels_last, fused SGD and
-   a CUDA graph on a GPU). Timed with a callback from a warm-up batch to the end of the
+   StepCallback runs the step (fp32 on the CPU; channels_last, fused SGD, a CUDA graph and,
+   where the GPU has bf16 tensor cores, bf16 autocast on a GPU). Timed with a callback from a warm-up batch to the end of the
    epoch's training phase.
 2. The usual way: a torchvision-style CIFAR-10 dataset that turns each uint8 image into a
    PIL image and applies RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
@@ -30,6 +30,7 @@ from torch import nn
 
 from annotated_resnet.data import CIFAR10, load_cifar10, pixel_mean
 from annotated_resnet.model import create_model
+from annotated_resnet.gpu_job import precision
 from annotated_resnet.train import DeviceBatches, TrainingStep, choose_device, paper_recipe, sgd, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.train quiets fastai's import
@@ -153,7 +154,7 @@ def main():
         return loader
 
     seconds, label = {}, {}
-    ours = "fastai Learner + our step" + (" (bf16, channels_last, CUDA graph)" if cuda else " (fp32)")
+    ours = f"fastai Learner + our step ({precision(device)})"
     label["ours"] = f"ours: train(), batches built on the {device.type}, {ours}"
     seconds["ours"] = ours_seconds(args.model, cifar, args.steps, args.warmup, args.batch_size, device)
     if args.compile:

@@ -85,3 +85,13 @@ def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
     (tmp_path / "reference_runs" / "resnet56" / "log.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
     with pytest.raises(FileNotFoundError, match="weights-fp16.pt, provenance.json missing"):
         load_reference_run(tmp_path / "reference_runs" / "resnet56")
+
+
+@pytest.mark.parametrize("capability, expected", [
+    ((9, 0), "bf16 autocast, channels_last, CUDA-graphed step"),
+    ((7, 5), "fp32 (no bf16 tensor cores), channels_last, CUDA-graphed step"),
+])
+def test_provenance_names_the_precision_the_gpu_trains_in(monkeypatch, capability, expected):
+    monkeypatch.setattr(gpu_job, "choose_device", lambda device: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert gpu_job.precision("cuda") == expected

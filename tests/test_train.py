@@ -23,6 +23,8 @@ from annotated_resnet.train import (
     Recipe,
     StepCallback,
     TrainingStep,
+    autocast,
+    autocast_dtype,
     evaluate,
     load_checkpoint,
     model_from_checkpoint,
@@ -224,6 +226,16 @@ def test_cuda_graph_steps_need_a_gpu_and_fused_sgd():
         unfused = torch.optim.SGD(model.parameters(), lr=0.1)
         with pytest.raises(ValueError, match="fused=True"):
             TrainingStep(model, nn.CrossEntropyLoss(), unfused, torch.device("cuda"), graph=True)
+
+
+@pytest.mark.parametrize("capability, dtype", [((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, dtype):
+    # (7, 5) is Colab's T4, which only emulates bf16; (8, 0) the A100, (9, 0) the H100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert autocast_dtype(torch.device("cuda", 0)) == dtype
+    assert autocast_dtype(torch.device("cpu")) is None
+    with autocast(torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu") and torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
 
 
 def test_smoothed_loss_on_the_device_equals_fastais(tiny_cifar):

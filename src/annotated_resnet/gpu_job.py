@@ -46,6 +46,7 @@ from .train import (
     CIFAR_MODEL_NAMES,
     LOG_NAME,
     atomic_save,
+    autocast_dtype,
     choose_device,
     load_checkpoint,
     paper_recipe,
@@ -226,7 +227,11 @@ def device_name(device: str | None) -> str:
 
 def precision(device: str | None) -> str:
     """What :func:`annotated_resnet.train.train` uses on that device."""
-    return "bf16 autocast, channels_last, CUDA-graphed step" if choose_device(device).type == "cuda" else "fp32"
+    device = choose_device(device)
+    if device.type == "cpu":
+        return "fp32"
+    dtype = "bf16 autocast" if autocast_dtype(device) == torch.bfloat16 else "fp32 (no bf16 tensor cores)"
+    return f"{dtype}, channels_last, CUDA-graphed step"
 
 
 def git_commit() -> str | None:

@@ -7,13 +7,14 @@ its training error is below 80% (Sec. 4.2). The schedule counts iterations, not 
 
 What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
 metrics, the progress bar, callbacks); its ``ChannelsLast`` and ``MixedPrecision`` (bf16)
-callbacks speed up a GPU. The data loader is a small iterable that keeps the uint8 images on
-the training device and builds each batch there (shuffle, pad-crop-flip, mean subtraction:
-:mod:`annotated_resnet.data`). Three callbacks add what the paper's recipe, a long run and a
-fast GPU need: :class:`PaperSchedule` (the iteration-based learning rate and the warm-up),
-:class:`StepCallback` (each training step as one :class:`TrainingStep`, replayed as a CUDA
-graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with
-every random state, exact resume, clean stop on SIGTERM/Ctrl-C, stop on a non-finite loss).
+callbacks speed up a GPU (bf16 only where the GPU computes in it: :func:`autocast_dtype`).
+The data loader is a small iterable that keeps the uint8 images on the training device and
+builds each batch there (shuffle, pad-crop-flip, mean subtraction: :mod:`annotated_resnet.data`).
+Three callbacks add what the paper's recipe, a long run and a fast GPU need:
+:class:`PaperSchedule` (the iteration-based learning rate and the warm-up), :class:`StepCallback`
+(each training step as one :class:`TrainingStep`, replayed as a CUDA graph on a GPU) and
+:class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with every random state,
+exact resume, clean stop on SIGTERM/Ctrl-C, stop on a non-finite loss).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
 host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps, when the progress
@@ -23,6 +24,7 @@ the next steps while the GPU runs this one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -215,11 +217,29 @@ class DeviceBatches:
 # --- One training step ---
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The reduced precision a training step runs in on ``device``: bf16 on a GPU with bf16
+    tensor cores (compute capability 8.0 and up: A100, H100, L4, RTX 30xx ...), none (fp32) on
+    the CPU and on older GPUs such as Colab's T4, which have no bf16 hardware (torch emulates
+    it there, which adds rounding but no speed)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device):
+    """The autocast context of :func:`autocast_dtype` (a do-nothing context for fp32)."""
+    dtype = autocast_dtype(device)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+
+
 class TrainingStep:
     """Forward pass, cross-entropy loss, backward pass and SGD update for one batch.
 
-    On the CPU it runs eagerly in fp32. On a CUDA device it runs under bf16 autocast and,
-    after ``eager_steps`` ordinary steps, as a CUDA graph: a ResNet-20 step at batch 128 is
+    On the CPU it runs eagerly in fp32. On a CUDA device it runs under :func:`autocast` (bf16
+    where the GPU has bf16 tensor cores, else fp32) and, after ``eager_steps`` ordinary steps,
+    as a CUDA graph: a ResNet-20 step at batch 128 is
     a few hundred small kernels, and launching them one by one from Python takes longer than
     the GPU needs to run them, while a captured graph launches them all at once. The graph
     reads each batch from fixed input tensors and the learning rate from a device tensor, so
@@ -265,7 +285,7 @@ class TrainingStep:
         return self.pred, self.loss
 
     def _forward_backward(self, images, labels):
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=False):
+        with autocast(self.device):
             pred = self.model(images)
             loss = self.loss_func(pred.float(), labels)
         loss.backward()
@@ -631,8 +651,9 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     ``train_per_class`` / ``test_per_class`` take class-balanced subsets (small scales);
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
     ``resume`` continues from that folder's checkpoint and reaches the same weights as an
-    uninterrupted run. On a CUDA device training uses bf16 autocast, channels_last and a
-    CUDA-graphed step (``cuda_graph=False`` runs it eagerly), and ``compile=True`` adds
+    uninterrupted run. On a CUDA device training uses channels_last, a CUDA-graphed step
+    (``cuda_graph=False`` runs it eagerly) and bf16 autocast where the GPU has bf16 tensor
+    cores (:func:`autocast_dtype`; fp32 on older GPUs), and ``compile=True`` adds
     ``torch.compile``; on the CPU it runs in fp32.
     """
     device = choose_device(device)
@@ -671,7 +692,9 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         learn.logger = lambda *args: None
     if device.type == "cuda":
         trainer.train_batches.channels_last = trainer.valid_batches.channels_last = True
-        learn.add_cbs([ChannelsLast(), MixedPrecision("bf16")])  # MixedPrecision: for the validation pass
+        learn.add_cb(ChannelsLast())
+        if autocast_dtype(device) == torch.bfloat16:
+            learn.add_cb(MixedPrecision("bf16"))  # for the validation pass; the step has its own autocast
     trainer.learn = learn
     learn.create_opt()
     if checkpoint is not None:
@@ -711,7 +734,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=device)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(device):
         for x, y in batches:
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
