@@ -3,9 +3,9 @@
 1. Ours: exactly what ``annotated_resnet.train.train`` does per training step. The uint8
    images live on the training device; each batch is shuffled, padded, cropped, flipped and
    mean-subtracted there (DeviceBatches); fastai's Learner runs the loop and our
-   StepCallback runs the step (fp32 on the CPU; channels_last, fused SGD, a CUDA graph and,
-   where the GPU has bf16 tensor cores, bf16 autocast on a GPU). Timed with a callback from a warm-up batch to the end of the
-   epoch's training phase.
+   StepCallback runs the step (fp32 on the CPU; on a GPU channels_last, fused SGD, a CUDA
+   graph and, where the GPU has bf16 tensor cores, bf16 autocast). Timed with a callback
+   from a warm-up batch to the end of the epoch's training phase.
 2. The usual way: a torchvision-style CIFAR-10 dataset that turns each uint8 image into a
    PIL image and applies RandomCrop(32, padding=4), RandomHorizontalFlip, ToTensor,
    Normalize on the CPU, a DataLoader with worker processes, and a plain eager fp32 loop.

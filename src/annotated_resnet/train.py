@@ -233,15 +233,14 @@ def autocast(device: torch.device):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
 
 
-
 class TrainingStep:
     """Forward pass, cross-entropy loss, backward pass and SGD update for one batch.
 
     On the CPU it runs eagerly in fp32. On a CUDA device it runs under :func:`autocast` (bf16
     where the GPU has bf16 tensor cores, else fp32) and, after ``eager_steps`` ordinary steps,
-    as a CUDA graph: a ResNet-20 step at batch 128 is
-    a few hundred small kernels, and launching them one by one from Python takes longer than
-    the GPU needs to run them, while a captured graph launches them all at once. The graph
+    as a CUDA graph: a ResNet-20 step at batch 128 is a few hundred small kernels, and
+    launching them one by one from Python takes longer than the GPU needs to run them, while a
+    captured graph launches them all at once. The graph
     reads each batch from fixed input tensors and the learning rate from a device tensor, so
     the schedule still holds; the optimizer must be SGD with ``fused=True`` (one kernel that
     takes its rate from that tensor). The eager steps before the capture let CUDA libraries
