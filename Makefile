@@ -1,4 +1,4 @@
-# Two commands do all the set-up on a fresh machine (Python 3.10+ needed):
+# Two commands do all the set-up on a fresh machine (Python 3.11+ needed):
 #   make lab    create .venv, install the course, open the notebooks in JupyterLab
 #   make test   create .venv, install the course, run the unit tests and every notebook
 VENV ?= .venv

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from annotated_resnet.cli import build_parser, main, recipe_from_args
 from annotated_resnet.data import SOURCE_VARIABLE
@@ -87,6 +88,33 @@ def test_train_then_evaluate(image_tree, tmp_path, capsys):
     assert f"test error {history[-1]['test_error']:.2%}" in capsys.readouterr().out
     assert main(tiny_run(image_tree, out, "--scale-to", "20")) == 1  # the folder holds a run: --resume or another
     assert "--resume" in capsys.readouterr().err
+
+
+def test_seed_sets_the_initial_weights(image_tree, tmp_path):
+    """--seed seeds the initialisation too: two runs with one seed end with the same weights,
+    a run with another seed does not (one iteration each)."""
+    weights = []
+    for seed, folder in ((1, "a"), (1, "b"), (2, "c")):
+        assert main(tiny_run(image_tree, tmp_path / folder, "--iterations", "1", "--seed", str(seed))) == 0
+        weights.append(load_checkpoint(tmp_path / folder)["model_state"]["conv1.weight"])
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], weights[2])
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", "state_dict"])
+def test_evaluating_a_file_that_is_not_a_checkpoint_is_explained(tmp_path, capsys, content):
+    path = tmp_path / "model.pt"
+    if content == "state_dict":
+        torch.save({"fc.weight": torch.zeros(2, 2)}, path)
+    else:
+        path.write_bytes(content)
+    assert main(["evaluate", str(path)]) == 1
+    error = capsys.readouterr().err
+    assert "annotated-resnet train" in error and "Traceback" not in error
+
+
+def test_resume_without_a_checkpoint_is_explained(image_tree, tmp_path, capsys):
+    assert main(tiny_run(image_tree, tmp_path / "new", "--resume")) == 1
+    assert "nothing to resume" in capsys.readouterr().err
 
 
 def test_sigterm_saves_and_exits_cleanly(image_tree, tmp_path):

@@ -44,6 +44,10 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     partial = train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
                     out=out / "resnet20", cbs=[StopAfterEpoch()])
     assert partial.history[-1]["iteration"] == 5
+    # an unfinished run keeps only its checkpoint: it is no reference run yet
+    args = gpu_job.build_parser().parse_args(job_args(image_tree, out))
+    status = gpu_job.write_results(out / "resnet20", "resnet20", args, "source", 1.0)
+    assert status.startswith("stopped at iteration 5 of 10") and list_reference_runs(out) == []
 
     assert main(job_args(image_tree, out)) == 0
     printed = capsys.readouterr().out
@@ -54,7 +58,8 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
         assert provenance["status"] == "finished" and provenance["torch"] == torch.__version__
         assert provenance["recipe"]["iterations"] == 10 and provenance["recipe"]["milestones"] == [5, 8]
         assert "CPU" in provenance["device"] and provenance["precision"] == "fp32"
-        assert str(image_tree) in provenance["data"]["source"] and "gpu_job" in provenance["command"]
+        assert str(image_tree) in provenance["data"]["source"]
+        assert provenance["command"].endswith("-m annotated_resnet.gpu_job " + " ".join(job_args(image_tree, out)))
         assert provenance["date"].startswith("20")
         assert state_dict["fc.weight"].dtype == torch.float16
         model = cifar_resnet(**provenance["model"])
@@ -70,10 +75,29 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     assert [(out / "plain20" / f).stat().st_mtime_ns for f in files] == before
 
 
-def test_unknown_run_names_are_listed(capsys):
+@pytest.mark.parametrize("flags, message", [
+    (["--runs", "resnet20,resnet21"], "resnet21"),
+    (["--runs", "resnet20,plain20,resnet20"], "resnet20 given twice"),
+    (["--runs", "resnet20", "--iterations", "0"], "expected a positive whole number"),
+    (["--runs", "resnet20", "--budget-minutes", "-1"], "expected a positive number"),
+])
+def test_bad_options_are_explained(capsys, flags, message):
     with pytest.raises(SystemExit):
-        main(["--runs", "resnet20,resnet21", "--budget-minutes", "1", "--out", "x"])
-    assert "resnet21" in capsys.readouterr().err
+        main(["--budget-minutes", "1", "--out", "x", *flags])
+    assert message in capsys.readouterr().err
+
+
+def test_a_folder_of_another_recipe_is_refused(image_tree, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "job"
+    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10, validation=0)
+    torch.manual_seed(0)
+    train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
+          out=out / "resnet20", cbs=[StopAfterEpoch()])
+    args = job_args(image_tree, out)
+    args[args.index("--iterations") + 1] = "20"
+    assert main(args) == 1
+    assert "holds a run of another recipe" in capsys.readouterr().err
 
 
 def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ def test_bad_input_tensors_are_explained(shape, message):
 
 
 def test_too_small_imagenet_input_is_explained():
-    with pytest.raises(ValueError, match="needs at least 32x32"):
+    with pytest.raises(ValueError, match="at least 32x32"):
         create_model("resnet18")(torch.randn(1, 3, 16, 16))
 
 

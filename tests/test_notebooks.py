@@ -72,12 +72,9 @@ def test_a_notebook_runs_outside_the_repository(tmp_path):
     from nbclient import NotebookClient
 
     path = ROOT / "notebooks" / "01_abstract.ipynb"
-    if not path.exists():
-        pytest.skip("notebooks/01_abstract.ipynb is not written yet")
     copy = tmp_path / path.name
     shutil.copy(path, copy)
     notebook = read(copy)
+    # raises CellExecutionError, with the cell and its traceback, if any cell fails
     NotebookClient(notebook, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.output_type == "error"]
-    assert not errors
+    assert all(c.execution_count for c in notebook.cells if c.cell_type == "code")

@@ -121,8 +121,11 @@ def test_constructed_solution_rejects_bad_input(shallow, depth, message):
 
 
 def test_plots_draw_what_they_say():
-    fig = plot_revolution_of_depth()
-    assert len(fig.axes[0].patches) == len(ILSVRC_WINNERS)
+    ax = plot_revolution_of_depth().axes[0]
+    deep = [e for e in ILSVRC_WINNERS if e.depth is not None]
+    points, *shallow_lines = ax.lines
+    assert list(points.get_xdata()) == [e.depth for e in deep] and ax.get_xscale() == "log"
+    assert [line.get_ydata()[0] for line in shallow_lines] == [e.top5_error for e in ILSVRC_WINNERS if e.depth is None]
     ax = plot_gradient_norms({"a": {"l1": 1.0, "l2": 2.0}})
     assert ax.get_yscale() == "log" and len(ax.lines) == 1
     history = [{"iteration": 10, "train_error": 0.5, "test_error": 0.6},

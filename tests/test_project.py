@@ -38,9 +38,16 @@ def test_environment_yml_installs_the_package_itself():
 
 
 def test_ci_runs_exactly_the_readme_test_command():
+    """The README's test command is `make test`, which runs `pytest --nbval tests notebooks`;
+    CI runs that same target."""
     readme = (ROOT / "README.md").read_text()
-    assert "make test" in readme
-    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "-m pytest --nbval tests notebooks" in recipe
+    assert "`make test` runs `pytest --nbval tests notebooks`" in readme
+    ci_commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                   if line.strip() and not line.lstrip().startswith("#")]
+    assert "make test" in ci_commands
 
 
 def test_readme_badge_is_built_from_the_one_place_that_names_the_repository():

@@ -14,9 +14,10 @@ from fastai.learner import AvgSmoothLoss, Learner
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor
+from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.train import (
+    DATA_SEED,
     DeviceBatches,
     DeviceSmoothLoss,
     NonFiniteLossError,
@@ -99,10 +100,19 @@ def test_training_logs_every_epoch_and_lowers_the_loss(tiny_cifar, tmp_path):
     assert error == pytest.approx(lines[-1]["test_error"], abs=1e-6)
 
 
-def test_validation_split_gives_a_val_error(tiny_cifar):
+def test_validation_split_holds_out_images_for_the_val_error(tiny_cifar):
     recipe = tiny_recipe(iterations=10, validation=50)
     result = train(tiny_model(), tiny_cifar, recipe, progress=False)
-    assert result.history[-1]["val_error"] is not None and result.history[-1]["iteration"] == 9 + 1
+    train_images, _, val_images, val_labels = train_val_split(tiny_cifar.train_images, tiny_cifar.train_labels,
+                                                              50, DATA_SEED)
+    assert len(val_labels) == 50 and len(train_images) == len(tiny_cifar.train_labels) - 50
+    assert torch.equal(result.mean, pixel_mean(train_images))  # the mean of the training part only
+    last = result.history[-1]
+    assert last["iteration"] == 10
+    assert last["val_error"] == pytest.approx(evaluate(result.model, val_images, val_labels, mean=result.mean),
+                                              abs=1e-6)
+    assert last["test_error"] == pytest.approx(
+        evaluate(result.model, tiny_cifar.test_images, tiny_cifar.test_labels, mean=result.mean), abs=1e-6)
 
 
 class StopAfterEpoch(Callback):
@@ -128,8 +138,37 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_cifar, tmp_path
     checkpoint = load_checkpoint(tmp_path / "parts")  # weights_only=True
     assert checkpoint["run"]["iteration"] == 30
     assert torch.equal(model_from_checkpoint(checkpoint).state_dict()["fc.weight"], whole.model.state_dict()["fc.weight"])
-    with pytest.raises(ValueError, match="another model or recipe"):
+    with pytest.raises(ValueError, match="another run .*recipe"):
         train(tiny_model(), tiny_cifar, tiny_recipe(lr=0.2), progress=False, out=tmp_path / "parts", resume=True)
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"seed": 1}, "seed: 0 then, 1 now"),
+    ({"train_per_class": 5}, "data: .*'train_per_class': None.*'train_per_class': 5"),
+])
+def test_resume_refuses_a_run_with_other_settings(tiny_cifar, tmp_path, change, named):
+    train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
+    with pytest.raises(ValueError, match=named):
+        train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True, **change)
+
+
+def test_resume_needs_a_checkpoint(tiny_cifar, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\x00 not a pickle", "cannot be read as a checkpoint"),
+    ({"fc.weight": torch.zeros(1)}, "is not a checkpoint of this package"),
+])
+def test_a_file_that_is_not_a_checkpoint_is_explained(tmp_path, content, message):
+    path = tmp_path / "checkpoint.pt"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=message):
+        load_checkpoint(path)
 
 
 class ExplodeInSecondEpoch(Callback):
@@ -147,6 +186,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cifar, tm
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["run"]["iteration"] == 12 and len(checkpoint["run"]["history"]) == 1
     assert all(torch.isfinite(t).all() for t in checkpoint["model_state"].values() if t.is_floating_point())
+
+
+class ExplodeAtOnce(Callback):
+    order = 6
+
+    def before_batch(self):
+        if self.training:
+            self.opt.set_hypers(lr=1e10)
+
+
+def test_a_non_finite_loss_before_the_first_checkpoint_says_none_was_written(tiny_cifar, tmp_path):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(iterations=24), progress=False, out=tmp_path,
+              cbs=[ExplodeAtOnce()])
+    assert not (tmp_path / "checkpoint.pt").exists()
 
 
 class CheckEveryFiveSteps(Callback):
@@ -186,6 +240,13 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path):
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+
+def test_sigterm_on_the_last_iteration_lets_the_run_finish(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=24)
+    result = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[SignalAtIteration(24)])
+    assert result.stopped is None and [r["iteration"] for r in result.history] == [12, 24]
+    assert len(load_checkpoint(tmp_path)["run"]["history"]) == 2  # the last epoch's record is saved
 
 
 def test_warm_up_runs_at_its_rate_until_the_training_error_is_low_enough(tiny_cifar):

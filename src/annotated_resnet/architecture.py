@@ -8,6 +8,8 @@ paper's "FLOPs" (Sec. 3.3, Table 1) are multiply-adds, so we halve the count.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -20,11 +22,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def count_multiply_adds(model: nn.Module, input_size: int = 224, in_channels: int = 3) -> int:
-    """Multiply-adds of one forward pass of a single image, counted by PyTorch."""
+@contextmanager
+def _one_image(model: nn.Module, input_size: int, in_channels: int | None = None):
+    """A zero image (1, C, H, W) on the model's device, with the model in eval mode and no
+    autograd; the model's training mode is restored afterwards."""
+    weight = next(model.parameters())
+    channels = in_channels or getattr(model, "in_channels", 3)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield torch.zeros(1, channels, input_size, input_size, device=weight.device, dtype=weight.dtype)
+    finally:
+        model.train(was_training)
+
+
+def count_multiply_adds(model: nn.Module, input_size: int = 224, in_channels: int | None = None) -> int:
+    """Multiply-adds of one forward pass of a single image, counted by PyTorch (``in_channels``:
+    the model's own ``in_channels`` if it has one, else 3)."""
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(torch.zeros(1, in_channels, input_size, input_size))
+    with _one_image(model, input_size, in_channels) as x, counter:
+        model(x)
     return counter.get_total_flops() // 2
 
 
@@ -40,8 +58,8 @@ def stage_output_shapes(model: ResNet, input_size: int = 224) -> dict[str, tuple
 
     hooks = [module.register_forward_hook(record(name)) for name, module in named]
     try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, model.in_channels, input_size, input_size))
+        with _one_image(model, input_size) as x:
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -145,10 +163,9 @@ def trace_shapes(model: ResNet, input_size: int = 224) -> list[dict]:
         return hook
 
     hooks = [module.register_forward_hook(record(name)) for name, _, module in steps]
-    x = torch.zeros(1, model.in_channels, input_size, input_size)
     try:
-        with torch.no_grad():
-            model.eval()(x)
+        with _one_image(model, input_size) as x:
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()

@@ -7,6 +7,8 @@ import dataclasses
 import signal
 import sys
 
+import torch
+
 from .data import load_cifar10
 from .model import create_model
 from .train import (
@@ -119,6 +121,7 @@ def run_train(args) -> int:
     recipe = recipe_from_args(args)
     out = args.out or f"runs/{args.model}"
     cifar = load_cifar10(args.data)
+    torch.manual_seed(args.seed)  # the initialisation is part of the run's seed
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
     print(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nrun folder: {out}", flush=True)
     try:

@@ -105,7 +105,8 @@ def _load_torchvision(root: Path, download: bool) -> CIFAR10:
     try:
         splits = [TorchvisionCIFAR10(str(root), train=split == "train", download=download) for split in SPLITS]
     except Exception as error:  # network errors come in many types (URLError, OSError, ...)
-        raise RuntimeError(f"could not download CIFAR-10 into {str(root)!r} ({error}).\n{HOW_TO_PROVIDE}") from error
+        what = "download CIFAR-10 into" if download else "read torchvision's CIFAR-10 batches in"
+        raise RuntimeError(f"could not {what} {str(root)!r} ({error}).\n{HOW_TO_PROVIDE}") from error
     train, test = splits
     return CIFAR10(train.data, np.asarray(train.targets, dtype=np.int64), test.data,
                    np.asarray(test.targets, dtype=np.int64), tuple(train.classes),
@@ -139,12 +140,18 @@ def _source_key(path: Path) -> tuple[str, str]:
     """Short hashes of the source's absolute path and of its size and modification time (for
     a folder: of every file in it), so that a changed source gets a new cache entry."""
     path = path.resolve()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not _is_cache_file(p)) if path.is_dir() else [path]
     state = hashlib.sha256()
     for file in files:
         stat = file.stat()
         state.update(f"{file}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return hashlib.sha256(str(path).encode()).hexdigest()[:8], state.hexdigest()[:12]
+
+
+def _is_cache_file(path: Path) -> bool:
+    """A cache this module wrote (``cifar10-*.npz``, or one being written), which may sit
+    inside a source folder such as ``data/`` without making the source look changed."""
+    return path.suffix == ".npz" and path.name.startswith(("cifar10-", ".cifar10-"))
 
 
 def _describe(path: Path, names: list[str]) -> str:
@@ -262,6 +269,10 @@ def train_val_split(images: np.ndarray, labels: np.ndarray, validation: int = 50
 
 def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (N, 32, 32, 3) array -> uint8 tensor (N, 3, 32, 32) on ``device``."""
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected images as CIFAR10 holds them, (N, 32, 32, 3) with the channels last, "
+                         f"got shape {tuple(images.shape)}; a (N, 3, H, W) batch is already a tensor "
+                         "for the model")
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
 
 

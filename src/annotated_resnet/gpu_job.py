@@ -40,11 +40,13 @@ from pathlib import Path
 
 import torch
 
+from .cli import positive_float, positive_int
 from .data import load_cifar10
 from .train import (
     CHECKPOINT_NAME,
     CIFAR_MODEL_NAMES,
     LOG_NAME,
+    Recipe,
     atomic_save,
     autocast_dtype,
     choose_device,
@@ -90,6 +92,9 @@ def load_reference_run(path: str | os.PathLike) -> tuple[list[dict], dict, dict]
                                 f"(expected {LOG_NAME}, {WEIGHTS_NAME}, {PROVENANCE_NAME})")
     history = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
     provenance = json.loads((folder / PROVENANCE_NAME).read_text())
+    if provenance.get("status") != "finished":
+        raise ValueError(f"{str(folder)!r} is not a finished run (status: {provenance.get('status')!r}); "
+                         "rerun its gpu_job command to finish it")
     state_dict = torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
     return history, provenance, state_dict
 
@@ -102,33 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m annotated_resnet.gpu_job", description=__doc__.split("\n\n")[0],
         epilog="Rerun the same command to resume unfinished runs from their checkpoints.")
     parser.add_argument("--runs", required=True, type=run_names, help="comma-separated model names, e.g. plain20,resnet20")
-    parser.add_argument("--budget-minutes", type=float, required=True, help="wall-clock budget for the whole job")
+    parser.add_argument("--budget-minutes", type=positive_float, required=True, help="wall-clock budget for the whole job")
     parser.add_argument("--out", required=True, type=Path, help="output folder, one subfolder per run")
     parser.add_argument("--data", help="CIFAR-10 source (default: $ANNOTATED_RESNET_CIFAR10, else torchvision's download)")
-    parser.add_argument("--iterations", type=int, help="shrink each run's schedule to N iterations (default: the paper's 64k)")
-    parser.add_argument("--batch-size", type=int, help="mini-batch size (paper: 128)")
+    parser.add_argument("--iterations", type=positive_int, help="shrink each run's schedule to N iterations (default: the paper's 64k)")
+    parser.add_argument("--batch-size", type=positive_int, help="mini-batch size (paper: 128)")
     parser.add_argument("--no-split", action="store_true", help="train on all 50k images (paper: 45k/5k split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cuda (default when there is one) or cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
-    parser.add_argument("--base-width", type=int, help="filters of the first stage (paper: 16)")
-    parser.add_argument("--train-per-class", type=int, help="train on a class-balanced subset")
-    parser.add_argument("--test-per-class", type=int, help="test on a class-balanced subset")
+    parser.add_argument("--base-width", type=positive_int, help="filters of the first stage (paper: 16)")
+    parser.add_argument("--train-per-class", type=positive_int, help="train on a class-balanced subset")
+    parser.add_argument("--test-per-class", type=positive_int, help="test on a class-balanced subset")
     return parser
 
 
 def run_names(text: str) -> list[str]:
+    """The comma-separated model names of ``--runs``, each known and given once."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in CIFAR_MODEL_NAMES]
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown run(s) {unknown or text!r}; valid names: {', '.join(CIFAR_MODEL_NAMES)}")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(repeated)} given twice; each run needs its own folder")
     return names
 
 
 def recipe_for(name: str, args):
     """Each run's recipe: the paper's, shrunk to ``--iterations`` and changed by the flags."""
     recipe = paper_recipe(name)
-    if args.iterations:
+    if args.iterations is not None:
         recipe = recipe.scaled(iterations=args.iterations)
     return recipe.scaled(batch_size=args.batch_size, validation=0 if args.no_split else None)
 
@@ -148,8 +157,17 @@ def train_command(name: str, folder: Path, args, resume: bool) -> list[str]:
 
 
 def is_finished(folder: Path, recipe) -> bool:
+    """Whether ``folder`` holds a checkpoint of ``recipe`` that has run to its end (an error if
+    it holds a run of another recipe, which this job cannot continue)."""
     path = folder / CHECKPOINT_NAME
-    return path.exists() and load_checkpoint(path)["run"]["iteration"] >= recipe.iterations
+    if not path.exists():
+        return False
+    checkpoint = load_checkpoint(path)
+    if checkpoint["recipe"] != dataclasses.asdict(recipe):
+        raise ValueError(f"{str(folder)!r} holds a run of another recipe ({checkpoint['recipe']['iterations']:,} "
+                         f"iterations of batch {checkpoint['recipe']['batch_size']}); give the job the options "
+                         "it was started with, or another --out")
+    return checkpoint["run"]["iteration"] >= recipe.iterations
 
 
 def run_job(args) -> dict[str, str]:
@@ -163,10 +181,11 @@ def run_job(args) -> dict[str, str]:
     threads = max(1, (os.cpu_count() or 1) // len(args.runs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     processes, done_before = {}, set()
+    finished = {name: is_finished(args.out / name, recipe_for(name, args)) for name in args.runs}
     for name in args.runs:
         folder = args.out / name
         folder.mkdir(exist_ok=True)
-        if is_finished(folder, recipe_for(name, args)) and (folder / PROVENANCE_NAME).exists():
+        if finished[name] and (folder / PROVENANCE_NAME).exists():
             print(f"{name}: already finished", flush=True)
             done_before.add(name)
             continue
@@ -175,10 +194,15 @@ def run_job(args) -> dict[str, str]:
         with open(folder / OUTPUT_NAME, "a") as output:
             processes[name] = subprocess.Popen(train_command(name, folder, args, resume), stdout=output,
                                                stderr=subprocess.STDOUT, env=env)
+    stop = []  # SIGTERM or Ctrl-C to the job ends the wait early; the runs then stop as at the deadline
+    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline:
+        while any(p.poll() is None for p in processes.values()) and time.monotonic() < deadline and not stop:
             time.sleep(1)
     finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         for process in processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)  # each run saves a checkpoint and exits
@@ -190,14 +214,16 @@ def run_job(args) -> dict[str, str]:
 
 
 def write_results(folder: Path, name: str, args, source: str, wall_seconds: float) -> str:
-    """``weights-fp16.pt`` and ``provenance.json`` from the run's checkpoint; the run's status."""
+    """The run's status; for a finished run, also ``weights-fp16.pt`` and ``provenance.json``
+    from its checkpoint (an unfinished run keeps only its checkpoint, to be resumed)."""
     if not (folder / CHECKPOINT_NAME).exists():
         return f"no checkpoint (see {folder / OUTPUT_NAME})"
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
-    recipe = recipe_for(name, args)
+    recipe = Recipe(**checkpoint["recipe"])
     iteration = checkpoint["run"]["iteration"]
-    status = "finished" if iteration >= recipe.iterations else \
-        f"stopped at iteration {iteration:,} of {recipe.iterations:,}; rerun the same command to continue"
+    if iteration < recipe.iterations:
+        return f"stopped at iteration {iteration:,} of {recipe.iterations:,}; rerun the same command to continue"
+    status = "finished"
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model_state"].items()}
     atomic_save(weights, folder / WEIGHTS_NAME)
     history = checkpoint["run"]["history"]
@@ -206,7 +232,7 @@ def write_results(folder: Path, name: str, args, source: str, wall_seconds: floa
         "final_test_error": history[-1]["test_error"] if history else None,
         "device": device_name(args.device), "precision": precision(args.device), "torch": torch.__version__,
         "data": {**checkpoint["data"], "source": source},
-        "command": shlex.join([sys.executable, "-m", "annotated_resnet.gpu_job", *sys.argv[1:]]),
+        "command": shlex.join([sys.executable, "-m", "annotated_resnet.gpu_job", *args.argv]),
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {**dataclasses.asdict(recipe), "description": recipe.describe()},
         "model": checkpoint["model"], "seed": checkpoint["seed"],
@@ -219,6 +245,7 @@ def write_results(folder: Path, name: str, args, source: str, wall_seconds: floa
 
 
 def device_name(device: str | None) -> str:
+    """The GPU's name, or the CPU's architecture and core count."""
     device = choose_device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -247,7 +274,9 @@ def git_commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.argv = argv  # for the provenance
     try:
         statuses = run_job(args)
     except (FileNotFoundError, ValueError, RuntimeError) as error:

@@ -243,7 +243,8 @@ class ResNet(nn.Module):
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
     def check_input(self, x: torch.Tensor) -> None:
-        """Raise a ValueError that says what was expected if ``x`` can't go through the net."""
+        """Raise an error that says what was expected if ``x`` can't go through the net: a
+        TypeError for a non-tensor, a ValueError for a wrong shape."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of shape (N, {self.in_channels}, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -255,8 +256,10 @@ class ResNet(nn.Module):
                              f"got {x.shape[1]} in shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < self.min_input_size:
             raise ValueError(f"input of {x.shape[-2]}x{x.shape[-1]} is too small: this network halves the map "
-                             f"{int.bit_length(self.min_input_size) - 1} times and needs at least "
-                             f"{self.min_input_size}x{self.min_input_size}")
+                             f"{int.bit_length(self.min_input_size) - 1} times, so its last stage would work on "
+                             "padding rather than image; give it at least "
+                             f"{self.min_input_size}x{self.min_input_size} (the paper: 32x32 CIFAR-10 images, "
+                             "224x224 ImageNet crops)")
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The backbone: stem and stages, the last feature map before pooling (Sec. 4.3)."""
@@ -327,11 +330,11 @@ def create_model(name: str, **kwargs) -> ResNet:
     option A and 10 classes; ImageNet nets (18-152) to option B and 1000 classes.
     ``plainN`` is the same network without shortcuts. Keyword arguments go to
     :func:`cifar_resnet` or :func:`imagenet_resnet`."""
-    match = re.fullmatch(r"(resnet|plain)(\d+)", str(name))
-    if name not in MODEL_NAMES or match is None:
+    if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)} "
                          "(any other 6n+2 depth: annotated_resnet.cifar_resnet(depth))")
-    kind, depth = match.group(1), int(match.group(2))
+    kind, depth = re.fullmatch(r"(resnet|plain)(\d+)", name).groups()
+    depth = int(depth)
     if kind == "plain":
         if "shortcut" in kwargs:
             raise ValueError(f"{name} is a plain network and has no shortcut; use 'resnet{depth}' to choose one")

@@ -46,18 +46,24 @@ ILSVRC_WINNERS = (
 
 
 def plot_revolution_of_depth(entries=ILSVRC_WINNERS):
-    """Bars of top-5 error per entry, each labelled with its depth: the "revolution of depth"."""
+    """Top-5 error against depth (log scale) for the deep entries; the shallow winners, which
+    have no depth to plot, are drawn as dashed horizontal lines at their error."""
     fig, ax = plt.subplots(figsize=(8, 3.5))
-    labels = [f"{e.year}\n{e.name}" for e in entries]
-    bars = ax.bar(range(len(entries)), [e.top5_error for e in entries],
-                  color=["0.6" if e.depth is None else "tab:blue" for e in entries])
-    for bar, e in zip(bars, entries):
-        depth = "shallow" if e.depth is None else f"{e.depth} layers"
-        ax.annotate(f"{e.top5_error}%\n{depth}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(entries)), labels, fontsize=8)
+    deep = [e for e in entries if e.depth is not None]
+    ax.plot([e.depth for e in deep], [e.top5_error for e in deep], "o", color="tab:blue")
+    for i, e in enumerate(deep):  # labels alternate above and below their point, so none overlap
+        ax.annotate(f"{e.year} {e.name}\n{e.top5_error}%", (e.depth, e.top5_error), textcoords="offset points",
+                    xytext=(6, 4 if i % 2 == 0 else -24), fontsize=8)
+    for e in entries:
+        if e.depth is None:
+            ax.axhline(e.top5_error, color="0.6", ls="--", lw=1)
+            ax.annotate(f"{e.year} {e.name} (shallow): {e.top5_error}%", (deep[0].depth, e.top5_error),
+                        textcoords="offset points", xytext=(0, 3), fontsize=8, color="0.4")
+    ax.set_xscale("log")
+    ax.set_xlim(deep[0].depth * 0.7, max(e.depth for e in deep) * 2.5)
+    ax.set_ylim(0, max(e.top5_error for e in entries) * 1.15)
+    ax.set_xlabel("depth (weighted layers, log scale)")
     ax.set_ylabel("ILSVRC top-5 error (%)")
-    ax.set_ylim(0, max(e.top5_error for e in entries) * 1.3)
     ax.set_title("ILSVRC classification: the revolution of depth")
     fig.tight_layout()
     return fig
@@ -67,9 +73,9 @@ def plot_revolution_of_depth(entries=ILSVRC_WINNERS):
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The weighted layers in the order the input meets them: every 3x3 (or stem) convolution
-    and the classifier, i.e. the 6n+2 layers the paper counts. Projection shortcuts
-    (``downsample``) are not counted, as in the paper."""
+    """The weighted layers in the order the input meets them: every convolution of the stem and
+    of the residual paths, and the classifier (for a CIFAR net, the 6n+2 layers the paper
+    counts). Projection shortcuts (``downsample``) are not counted, as in the paper."""
     return [(name, m) for name, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and "downsample" not in name]
 
@@ -78,8 +84,9 @@ def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     """The L2 norm of the loss gradient with respect to each weighted layer's weights, for one
     batch, in training mode (BN uses the batch's statistics, as during training).
 
-    Vanishing gradients show as norms that shrink by orders of magnitude from the last layer
-    to the first; Sec. 4.1 says a BN plain net does not do this."""
+    Vanishing gradients show as norms orders of magnitude smaller than a healthy net's: at the
+    layers near the input when the backward signal decays, at every layer when the forward
+    signal itself dies out. Sec. 4.1 says a BN plain net has healthy norms."""
     if images.dim() != 4 or images.shape[0] != labels.shape[0]:
         raise ValueError(f"expected images of shape (N, C, H, W) and N labels, got {tuple(images.shape)} "
                          f"and {tuple(labels.shape)}")
@@ -110,14 +117,15 @@ def naive_init_(model: nn.Module, std: float = 0.01) -> nn.Module:
     return model
 
 
-def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, title: str = ""):
+def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, title: str = "",
+                        ylabel: str = "gradient norm at init"):
     """One line per network: gradient norm (log scale) against layer index, input side left."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
     for label, norms in norms_by_label.items():
         ax.semilogy(range(1, len(norms) + 1), list(norms.values()), marker=".", label=label)
     ax.set_xlabel("layer (1 = first conv, last = classifier)")
-    ax.set_ylabel("gradient norm at init")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(True, which="major", alpha=0.3)

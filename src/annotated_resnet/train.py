@@ -58,6 +58,7 @@ from .model import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS, ResNet, cifar_resnet, creat
 
 CIFAR_MODEL_NAMES = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"plain{d}" for d in CIFAR_PLAIN_DEPTHS]
 CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1  # the layout of the dict that checkpoint.pt holds
 LOG_NAME = "log.jsonl"
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
@@ -110,7 +111,6 @@ class Recipe:
         if iterations is not None:
             changes["iterations"] = iterations
             changes["milestones"] = tuple(round(m * iterations / self.iterations) for m in self.milestones)
-            changes["paper_iterations"] = self.paper_iterations
         return dataclasses.replace(self, **changes)
 
     def describe(self) -> str:
@@ -174,6 +174,8 @@ class DeviceBatches:
 
     @property
     def batches_per_epoch(self) -> int:
+        """Full batches per epoch when training (the last partial batch is dropped); all the
+        images, the last batch possibly short, when evaluating."""
         n = len(self.labels)
         return n // self.batch_size if self.train else math.ceil(n / self.batch_size)
 
@@ -209,6 +211,7 @@ class DeviceBatches:
                 "skip": batches_done}
 
     def load_state(self, state: dict) -> None:
+        """Continue from what :meth:`state` returned."""
         self.order_generator.set_state(state["order_state"])
         self.augment_generator.set_state(state["augment_state"])
         self.skip = state["skip"]
@@ -457,7 +460,8 @@ class RunRecorder(Callback):
         self.run.batches_in_epoch += 1
         if self.run.iteration - self.checked_iteration >= self.check_every:
             self.check_finite()
-        if self.stop_signal is not None:
+        if self.stop_signal is not None and self.run.iteration < self.trainer.recipe.iterations:
+            # (on the run's last batch the epoch's end comes next and saves the finished run)
             self.check_finite()
             self.trainer.save(self.run_state_now())
             self.stopped = f"{signal.Signals(self.stop_signal).name} at iteration {self.run.iteration}"
@@ -467,8 +471,11 @@ class RunRecorder(Callback):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
         running sum of the epoch's losses is then no longer finite)."""
         if not torch.isfinite(self.loss_sum):
-            where = (f"the last good checkpoint, {self.trainer.checkpoint_path} (iteration "
-                     f"{self.trainer.saved_iteration}), is kept" if self.trainer.checkpoint_path else "nothing saved")
+            path = self.trainer.checkpoint_path
+            where = ("nothing is saved" if path is None else
+                     f"no checkpoint was written yet (the first is written after the first epoch)"
+                     if not path.exists() else
+                     f"the last good checkpoint, {path} (iteration {self.trainer.saved_iteration}), is kept")
             first, last = self.checked_iteration + 1, self.run.iteration
             when = f"iteration {last}" if first == last else f"one of iterations {first}-{last}"
             self.failure = (
@@ -572,6 +579,7 @@ class _Trainer:
                      "test_per_class": test_per_class, "data_seed": DATA_SEED}
 
     def test_error(self) -> float:
+        """Error on the test images (the full test set, or its class-balanced subset)."""
         return evaluate(self.model, self.test_batches)
 
     def save(self, run: RunState) -> None:
@@ -580,13 +588,12 @@ class _Trainer:
         if self.out is None:
             return
         checkpoint = {
-            "format": 1, "model": describe_model(self.model), "seed": self.seed,
+            "format": CHECKPOINT_FORMAT, "model": describe_model(self.model), "seed": self.seed,
             "recipe": dataclasses.asdict(self.recipe), "data": self.data, "pixel_mean": self.mean.cpu(),
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
             "run": dataclasses.asdict(run),
             "loader": self.train_batches.state(run.batches_in_epoch),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
         atomic_save(checkpoint, self.checkpoint_path)
         write_log(self.out / LOG_NAME, run.history)
@@ -603,8 +610,8 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def write_log(path: Path, history: list[dict]) -> None:
-    """The history as JSON lines, one epoch a line (rewritten whole, atomically, so that it
-    always agrees with the checkpoint)."""
+    """The history as JSON lines, one epoch a line, rewritten whole and atomically right after
+    each checkpoint (a reader never sees a half-written log)."""
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
         tmp.writelines(json.dumps(record) + "\n" for record in history)
     os.chmod(tmp.name, 0o644)
@@ -619,22 +626,47 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}; `annotated-resnet train` writes "
                                 f"<out>/{CHECKPOINT_NAME}")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    expected = f"expected a {CHECKPOINT_NAME} written by `annotated-resnet train` (or train(..., out=...))"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, another format, or a pickle with arbitrary objects
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({type(error).__name__}); {expected}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this package (format {CHECKPOINT_FORMAT}); "
+                         f"{expected}. A bare state_dict loads with model.load_state_dict(torch.load(...)).")
+    return checkpoint
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """The CIFAR-10 net a checkpoint describes, with the checkpoint's weights."""
     model = cifar_resnet(**checkpoint["model"])
     model.load_state_dict(checkpoint["model_state"])
     return model
 
 
+def _check_same_run(checkpoint: dict, trainer: _Trainer, out) -> None:
+    """A resumed run must continue the run it resumes: the same model, recipe, seed and data
+    (the data's path may change; what was taken from it may not)."""
+    now = {"model": describe_model(trainer.model), "recipe": dataclasses.asdict(trainer.recipe),
+           "seed": trainer.seed, "data": {k: v for k, v in trainer.data.items() if k != "source"}}
+    saved = {**{k: checkpoint[k] for k in ("model", "recipe", "seed")},
+             "data": {k: v for k, v in checkpoint["data"].items() if k != "source"}}
+    changed = [f"{key}: {saved[key]} then, {now[key]} now" for key in now if saved[key] != now[key]]
+    if changed:
+        raise ValueError(f"the checkpoint in {str(out)!r} is another run ({'; '.join(changed)}); resume with "
+                         "the settings it was started with, or choose another output folder")
+
+
 def _signal_handlers(recorder: RunRecorder):
     """Route SIGTERM and Ctrl-C (SIGINT) to a stop request at the end of the current batch.
-    Returns a function that restores the previous handlers (only the main thread can have any)."""
+    A second Ctrl-C interrupts at once (the last checkpoint stays). Returns a function that
+    restores the previous handlers (only the main thread can have any)."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
 
     def request_stop(signum, frame):
+        if recorder.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a new checkpoint
         recorder.stop_signal = signum
 
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -647,10 +679,12 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
           compile: bool = False, cuda_graph: bool = True, cbs: list | None = None) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
+    ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
+    ``model`` is a name (a net built beforehand keeps its weights: seed before building it).
     ``train_per_class`` / ``test_per_class`` take class-balanced subsets (small scales);
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
-    ``resume`` continues from that folder's checkpoint and reaches the same weights as an
-    uninterrupted run. On a CUDA device training uses channels_last, a CUDA-graphed step
+    ``resume`` continues from that folder's checkpoint (which must exist, and be of the same
+    model, recipe, seed and data) and reaches the same weights as an uninterrupted run. On a CUDA device training uses channels_last, a CUDA-graphed step
     (``cuda_graph=False`` runs it eagerly) and bf16 autocast where the GPU has bf16 tensor
     cores (:func:`autocast_dtype`; fp32 on older GPUs), and ``compile=True`` adds
     ``torch.compile``; on the CPU it runs in fp32.
@@ -664,10 +698,12 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
             raise FileExistsError(f"{str(out)!r} already holds a run; resume it (--resume / resume=True) "
                                   "or choose another output folder")
         checkpoint = load_checkpoint(out)
-        if checkpoint["recipe"] != dataclasses.asdict(recipe) or checkpoint["model"] != describe_model(model):
-            raise ValueError(f"the checkpoint in {str(out)!r} was made with another model or recipe "
-                             f"({checkpoint['model']}, {checkpoint['recipe']}); choose another output folder")
+    elif resume:
+        raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {str(out)!r}; "
+                                "drop --resume (resume=False) to start a new run there")
     trainer = _Trainer(model, cifar, recipe, train_per_class, test_per_class, seed, device, out)
+    if checkpoint is not None:
+        _check_same_run(checkpoint, trainer, out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
     if checkpoint is not None:
         run = RunState(**checkpoint["run"])
