@@ -7,7 +7,7 @@ import torchvision
 from annotated_resnet import count_multiply_adds, count_parameters, create_model
 from annotated_resnet.architecture import format_trace, trace_shapes
 
-# The study group's question, answered (COURSE.md question 2): ResNet-34 on a 224x224 input.
+# The study group's question, answered: how the identity is added back in ResNet-34 on a 224x224 input.
 RESNET34_TRACE = {
     "input": (3, 224, 224), "conv1": (64, 112, 112), "maxpool": (64, 56, 56),
     "conv2_1": (64, 56, 56), "conv2_3": (64, 56, 56),

@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text}")
@@ -101,6 +102,7 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
@@ -118,6 +120,7 @@ def recipe_from_args(args) -> Recipe:
 
 
 def run_train(args) -> int:
+    """``annotated-resnet train``: one run of the recipe; the exit status says how it ended."""
     recipe = recipe_from_args(args)
     out = args.out or f"runs/{args.model}"
     cifar = load_cifar10(args.data)
@@ -145,6 +148,7 @@ def run_train(args) -> int:
 
 
 def run_evaluate(args) -> int:
+    """``annotated-resnet evaluate``: a checkpoint's error on the full test set."""
     checkpoint = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(checkpoint).to(choose_device(args.device))
     cifar = load_cifar10(args.data)
