@@ -128,7 +128,7 @@ def test_failed_download_says_where_to_point(tmp_path, monkeypatch):
     assert data.SOURCE_VARIABLE in str(error.value) and "network is unreachable" in str(error.value)
 
 
-def test_shared_archive_has_all_of_cifar10(cifar_archive):
+def test_the_jpeg_archive_holds_all_of_cifar10(cifar_archive):
     cifar = load_cifar10(cifar_archive, data_dir=REPO_DATA)
     assert cifar.train_images.shape == (50_000, 32, 32, 3)
     assert cifar.test_images.shape == (10_000, 32, 32, 3)
