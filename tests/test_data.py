@@ -175,6 +175,21 @@ def test_pixel_mean_is_a_mean_image():
     assert centred.dtype == torch.float32 and centred.mean(0).abs().max() < 1e-5
 
 
+def test_a_cache_inside_the_source_folder_does_not_change_its_key(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "0.png").write_bytes(b"image")
+    key = data._source_key(tmp_path)
+    (tmp_path / "cifar10-1234-abcd.npz").write_bytes(b"cache")
+    assert data._source_key(tmp_path) == key
+    (tmp_path / "train" / "1.png").write_bytes(b"another image")
+    assert data._source_key(tmp_path) != key
+
+
+def test_images_with_the_channels_first_are_explained():
+    with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\).*got shape \(4, 3, 32, 32\).*permute"):
+        to_tensor(np.zeros((4, 3, 32, 32), dtype=np.uint8))
+
+
 def test_augment_pads_crops_and_flips():
     torch.manual_seed(0)
     batch = torch.randint(1, 256, (256, 3, 32, 32), dtype=torch.uint8)

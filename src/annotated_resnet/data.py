@@ -270,9 +270,9 @@ def train_val_split(images: np.ndarray, labels: np.ndarray, validation: int = 50
 def to_tensor(images: np.ndarray, device: str | torch.device = "cpu") -> torch.Tensor:
     """uint8 (N, 32, 32, 3) array -> uint8 tensor (N, 3, 32, 32) on ``device``."""
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected images as CIFAR10 holds them, (N, 32, 32, 3) with the channels last, "
-                         f"got shape {tuple(images.shape)}; a (N, 3, H, W) batch is already a tensor "
-                         "for the model")
+        raise ValueError(f"expected uint8 images as CIFAR10 holds them, (N, 32, 32, 3) with the channels "
+                         f"last, got shape {tuple(images.shape)}; a (N, 3, H, W) batch becomes that with "
+                         "x.permute(0, 2, 3, 1)")
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
 
 

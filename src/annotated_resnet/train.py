@@ -633,7 +633,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({type(error).__name__}); {expected}") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not a checkpoint of this package (format {CHECKPOINT_FORMAT}); "
-                         f"{expected}. A bare state_dict loads with model.load_state_dict(torch.load(...)).")
+                         f"{expected}. A bare state_dict loads with model.load_state_dict(torch.load(path, weights_only=True)).")
     return checkpoint
 
 
