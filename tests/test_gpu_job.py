@@ -9,7 +9,7 @@ from fastai.callback.core import Callback, CancelFitException
 
 from annotated_resnet import gpu_job
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, main
+from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, longest_reference_run, main
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.train import paper_recipe, train
 
@@ -119,3 +119,24 @@ def test_provenance_names_the_precision_the_gpu_trains_in(monkeypatch, capabilit
     monkeypatch.setattr(gpu_job, "choose_device", lambda device: torch.device("cuda", 0))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert gpu_job.precision("cuda") == expected
+
+
+def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path):
+    def ship(folder, run, iterations, status="finished"):
+        folder.mkdir(parents=True)
+        for name in (gpu_job.LOG_NAME, gpu_job.WEIGHTS_NAME):
+            (folder / name).write_text("")
+        (folder / gpu_job.PROVENANCE_NAME).write_text(json.dumps(
+            {"run": run, "status": status, "iterations_done": iterations}))
+
+    ship(tmp_path / "resnet20", "resnet20", 3_000)
+    ship(tmp_path / "full_schedule" / "resnet20", "resnet20", 64_000)
+    ship(tmp_path / "longer" / "resnet20", "resnet20", 90_000, status="stopped")
+    ship(tmp_path / "full_schedule" / "plain20", "plain20", 64_000)
+    assert longest_reference_run("resnet20", tmp_path) == tmp_path / "full_schedule" / "resnet20"
+    with pytest.raises(FileNotFoundError, match="resnet56"):
+        longest_reference_run("resnet56", tmp_path)
+
+
+def test_the_package_ships_its_full_schedule_resnet20():
+    assert longest_reference_run("resnet20").parent.name == "full_schedule"

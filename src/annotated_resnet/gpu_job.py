@@ -99,6 +99,24 @@ def load_reference_run(path: str | os.PathLike) -> tuple[list[dict], dict, dict]
     return history, provenance, state_dict
 
 
+def longest_reference_run(name: str, folder: str | os.PathLike | None = None) -> Path:
+    """The folder of the shipped run of model ``name`` (e.g. ``"plain56"``) trained for the
+    most iterations, searched anywhere under ``folder`` (the package's reference runs by
+    default), so a longer run shipped later is picked up without changing the caller."""
+    root = Path(folder) if folder is not None else REFERENCE_RUNS
+    candidates = []
+    for provenance_path in sorted(root.rglob(PROVENANCE_NAME)):
+        run = provenance_path.parent
+        if all((run / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME)):
+            provenance = json.loads(provenance_path.read_text())
+            if provenance.get("run") == name and provenance.get("status") == "finished":
+                candidates.append((provenance["iterations_done"], str(run)))
+    if not candidates:
+        raise FileNotFoundError(f"no finished reference run of {name!r} under {str(root)!r}; "
+                                f"shipped runs: {', '.join(list_reference_runs(root)) or 'none'}")
+    return Path(max(candidates)[1])
+
+
 # --- Running the job ---
 
 
