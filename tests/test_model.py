@@ -191,6 +191,22 @@ def test_bad_input_tensors_are_explained(shape, message):
         create_model("resnet20")(torch.randn(shape))
 
 
+@pytest.mark.parametrize("dtype, message", [
+    (torch.uint8, r"floating-point batch .*got torch.uint8.*normalize"),
+    (torch.int64, r"floating-point batch .*got torch.int64"),
+    (torch.float64, r"batch is torch.float64 but the network's weights are torch.float32.*x.to\(torch.float32\)"),
+])
+def test_a_batch_of_the_wrong_dtype_is_explained(dtype, message):
+    with pytest.raises(TypeError, match=message):
+        create_model("resnet20")(torch.zeros(1, 3, 32, 32, dtype=dtype))
+
+
+def test_a_float32_batch_goes_through_under_autocast_and_float64_through_a_float64_net():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert create_model("resnet20")(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert create_model("resnet20").double()(torch.zeros(1, 3, 32, 32, dtype=torch.float64)).dtype == torch.float64
+
+
 def test_too_small_imagenet_input_is_explained():
     with pytest.raises(ValueError, match="at least 32x32"):
         create_model("resnet18")(torch.randn(1, 3, 16, 16))
@@ -204,6 +220,10 @@ def test_too_small_imagenet_input_is_explained():
     (lambda: create_model("resnet21"), "valid names: resnet20"),
     (lambda: create_model("vgg19"), "valid names:"),
     (lambda: create_model("plain20", shortcut="B"), "plain network"),
+    (lambda: cifar_resnet(20, num_classes=0), "num_classes must be a whole number of at least 1"),
+    (lambda: imagenet_resnet(18, num_classes=-3), "num_classes must be a whole number of at least 1"),
+    (lambda: cifar_resnet(20, base_width=0), "base_width .* at least 1 .*got 0"),
+    (lambda: create_model("resnet20", base_width=-1), "base_width .* at least 1 .*got -1"),
 ])
 def test_bad_arguments_are_explained(call, message):
     with pytest.raises(ValueError, match=message):

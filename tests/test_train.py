@@ -1,6 +1,7 @@
 """The paper's recipe (Sec. 4.2) as code, and training runs that stop, resume and fail cleanly.
 Every run here is tiny (a ResNet-8 at width 4 on 200 random images, CPU)."""
 
+import copy
 import json
 import os
 import signal
@@ -71,6 +72,44 @@ def test_scaled_recipe_keeps_the_milestones_in_proportion():
     assert small.milestones == (150, 225) and small.batch_size == 32 and small.validation == 0
     assert small.paper_iterations == 64_000 and "0.00469x" in small.describe()
     assert "the paper's full schedule" in paper_recipe("resnet20").describe()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"lr": float("nan")}, r"lr must be a finite number above 0 \(the paper: 0.1\); got nan"),
+    ({"lr": float("inf")}, "lr must be a finite number above 0"),
+    ({"lr": 0.0}, "lr must be a finite number above 0"),
+    ({"warmup_lr": float("nan")}, "warmup_lr must be a finite number above 0"),
+    ({"momentum": -0.5}, "momentum must be a finite number at least 0"),
+    ({"weight_decay": float("inf")}, "weight_decay must be a finite number at least 0"),
+    ({"iterations": 0}, "iterations must be a whole number of at least 1"),
+    ({"batch_size": 12.5}, "batch_size must be a whole number"),
+    ({"validation": -1}, "validation must be a whole number of at least 0"),
+])
+def test_a_recipe_with_impossible_numbers_is_explained(change, message):
+    with pytest.raises(ValueError, match=message):
+        Recipe(model="resnet20", **change)
+
+
+def test_the_logged_training_loss_and_error_are_the_means_over_the_epochs_batches(tiny_cifar):
+    """Hand computation: with a learning rate too small to move any weight, the logged training
+    loss and error are the plain means over the epoch's augmented batches of the initial net."""
+    recipe = tiny_recipe(iterations=12, lr=1e-30)
+    model = tiny_model()
+    initial = copy.deepcopy(model)
+    result = train(model, tiny_cifar, recipe, progress=False, seed=3)
+    mean = pixel_mean(tiny_cifar.train_images)
+    batches = DeviceBatches(tiny_cifar.train_images, tiny_cifar.train_labels, recipe.batch_size, mean, train=True, seed=3)
+    loss_sum = wrong = seen = 0
+    with torch.no_grad():
+        for x, y in batches:  # the same order and augmentation as the run's (same seed)
+            logits = initial(x)
+            loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            wrong += (logits.argmax(1) != y).sum().item()
+            seen += len(y)
+    record = result.history[-1]
+    assert seen == 12 * 16 and 0.5 < wrong / seen < 1  # an untrained net gets most of them wrong
+    assert record["train_error"] == round(wrong / seen, 6)
+    assert record["train_loss"] == pytest.approx(loss_sum / seen, abs=2e-6)
 
 
 def test_evaluation_batches_are_the_unaugmented_images(tiny_cifar):

@@ -26,6 +26,8 @@ class DeviceBatches:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: torch.Tensor,
                  train: bool, seed: int = 0, device: str | torch.device = "cpu"):
+        if len(labels) != len(images):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels; give one label per image")
         if train and len(labels) < batch_size:
             raise ValueError(f"only {len(labels)} training images for batches of {batch_size}: "
                              "use a smaller batch size or more images")

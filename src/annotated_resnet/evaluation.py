@@ -23,6 +23,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
             raise ValueError("evaluate(model, images, labels, mean=...) needs the labels and the per-pixel "
                              "training mean (TrainResult.mean, or data.pixel_mean(train_images))")
         batches = DeviceBatches(images, labels, batch_size, mean, train=False, device=device)
+    _check_labels(batches.labels, model)
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=device)
@@ -31,3 +32,14 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
     return wrong.item() / len(batches.labels)
+
+
+def _check_labels(labels: torch.Tensor, model: nn.Module) -> None:
+    """Labels must index the network's classes (0..9 for CIFAR-10)."""
+    classes = getattr(getattr(model, "fc", None), "out_features", None)
+    if classes is None or not len(labels):
+        return
+    lowest, highest = int(labels.min()), int(labels.max())
+    if lowest < 0 or highest >= classes:
+        raise ValueError(f"labels must lie in 0..{classes - 1}, one per class of the network; got labels from "
+                         f"{lowest} to {highest}")

@@ -194,6 +194,11 @@ class ResNet(nn.Module):
             raise ValueError(f"unknown stem {stem!r}; expected 'imagenet' or 'cifar'")
         if len(blocks_per_stage) != len(widths):
             raise ValueError(f"got {len(blocks_per_stage)} stages but {len(widths)} widths")
+        if not all(isinstance(w, int) and w >= 1 for w in widths):
+            raise ValueError(f"every stage needs at least 1 filter; got widths {list(widths)}")
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a whole number of at least 1 (10 for CIFAR-10, 1000 for "
+                             f"ImageNet); got {num_classes!r}")
         _check_shortcut(shortcut)
         self.in_channels = in_channels
         self.block_type, self.shortcut, self.stem = block.__name__, shortcut, stem
@@ -244,9 +249,17 @@ class ResNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise an error that says what was expected if ``x`` can't go through the net: a
-        TypeError for a non-tensor, a ValueError for a wrong shape."""
+        TypeError for a non-tensor or a wrong dtype, a ValueError for a wrong shape."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"expected a torch.Tensor of shape (N, {self.in_channels}, H, W), got {type(x).__name__}")
+        weights = self.conv1.weight.dtype
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point batch ({weights}, the dtype of the network's weights), got "
+                            f"{x.dtype}; uint8 images become network input with annotated_resnet.data.normalize(x, "
+                            "mean) (to [0, 1], per-pixel mean subtracted as in Sec. 4.2), or at least x.float() / 255")
+        if x.dtype != weights and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"the batch is {x.dtype} but the network's weights are {weights}; convert the batch "
+                            f"with x.to({weights}) (or the network with model.to({x.dtype}))")
         if x.dim() != 4:
             hint = " (add a batch dimension with x.unsqueeze(0))" if x.dim() == 3 else ""
             raise ValueError(f"expected a 4-d batch of shape (N, {self.in_channels}, H, W), "
@@ -295,6 +308,9 @@ def cifar_resnet(depth: int, shortcut: str = "A", num_classes: int = 10, base_wi
     ``base_width`` scales the widths (16 is the paper's)."""
     if not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
         raise ValueError(f"a CIFAR ResNet has 6n+2 layers (8, 14, 20, 32, 44, 56, 110, 1202, ...); got depth={depth!r}")
+    if not isinstance(base_width, int) or base_width < 1:
+        raise ValueError(f"base_width is the number of filters of the first stage, a whole number of at least 1 "
+                         f"(the paper: 16); got {base_width!r}")
     n = (depth - 2) // 6
     widths = [base_width, 2 * base_width, 4 * base_width]
     return ResNet(BasicBlock, [n, n, n], widths, stem="cifar", shortcut=shortcut,

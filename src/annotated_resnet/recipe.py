@@ -13,6 +13,8 @@ for the schedule-choosing experiment.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -43,9 +45,22 @@ class Recipe:
     paper_iterations: int = 64_000
 
     def __post_init__(self):
-        if self.iterations < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"iterations, batch_size and lr must be positive; got {self.iterations}, "
-                             f"{self.batch_size}, {self.lr}")
+        whole = {"iterations": (1, 64_000), "batch_size": (1, 128), "validation": (0, 5_000)}
+        for name, (least, paper) in whole.items():
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"Recipe {name} must be a whole number of at least {least} (the paper: {paper:,}); "
+                                 f"got {value!r}")
+        positive = {"lr": 0.1, "lr_factor": 0.1, "warmup_lr": 0.01}
+        at_least_zero = {"momentum": 0.9, "weight_decay": 1e-4, "warmup_until_error": 0.8}
+        for name, paper in {**positive, **at_least_zero}.items():
+            value = getattr(self, name)
+            if value is None and name == "warmup_lr":
+                continue
+            if not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0 or (
+                    name in positive and value == 0):
+                bound = "above 0" if name in positive else "at least 0"
+                raise ValueError(f"Recipe {name} must be a finite number {bound} (the paper: {paper}); got {value!r}")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
     def lr_at(self, iteration: int, warmed_up: bool = True) -> float:
