@@ -30,10 +30,9 @@ from torch import nn
 
 from annotated_resnet.data import CIFAR10, load_cifar10, pixel_mean
 from annotated_resnet.model import create_model
-from annotated_resnet.gpu_job import precision
 from annotated_resnet.batches import DeviceBatches
 from annotated_resnet.recipe import paper_recipe, sgd
-from annotated_resnet.step import TrainingStep, choose_device
+from annotated_resnet.step import TrainingStep, choose_device, choose_precision, describe_precision
 from annotated_resnet.train import train
 
 from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.train quiets fastai's import
@@ -157,7 +156,7 @@ def main():
         return loader
 
     seconds, label = {}, {}
-    ours = f"fastai Learner + our step ({precision(device)})"
+    ours = f"fastai Learner + our step ({describe_precision(device, choose_precision(device))})"
     label["ours"] = f"ours: train(), batches built on the {device.type}, {ours}"
     seconds["ours"] = ours_seconds(args.model, cifar, args.steps, args.warmup, args.batch_size, device)
     if args.compile:

@@ -55,6 +55,7 @@ def test_unknown_model_lists_the_valid_names(capsys):
     (["--lr", "-1"], "expected a positive number"),
     (["--iterations", "10", "--scale-to", "10"], "not allowed with argument"),
     (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["--precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_bad_flags_get_clear_errors(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -84,7 +85,7 @@ def test_train_then_evaluate(image_tree, tmp_path, capsys):
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in history] == [10, 20]
     printed = capsys.readouterr().out
-    assert "iteration 20" in printed and "done: 20 iterations" in printed
+    assert "iteration 20" in printed and "done: 20 iterations" in printed and "precision: fp32" in printed
     assert main(["evaluate", str(out / "checkpoint.pt"), "--data", str(image_tree), "--device", "cpu"]) == 0
     assert f"test error {history[-1]['test_error']:.2%}" in capsys.readouterr().out
     assert main(tiny_run(image_tree, out, "--scale-to", "20")) == 1  # the folder holds a run: --resume or another

@@ -11,6 +11,7 @@ from annotated_resnet import gpu_job
 from annotated_resnet.data import load_cifar10
 from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, longest_reference_run, main
 from annotated_resnet.model import cifar_resnet
+from annotated_resnet.step import describe_precision
 from annotated_resnet.train import paper_recipe, train
 
 
@@ -112,14 +113,15 @@ def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
         load_reference_run(tmp_path / "reference_runs" / "resnet56")
 
 
-@pytest.mark.parametrize("capability, expected", [
-    ((9, 0), "bf16 autocast, channels_last, CUDA-graphed step"),
-    ((7, 5), "fp32 (no bf16 tensor cores), channels_last, CUDA-graphed step"),
+@pytest.mark.parametrize("device, precisions, expected", [
+    ("cuda", "bf16", "bf16 autocast; channels_last, CUDA-graphed step"),
+    ("cuda", "fp16", "fp16 autocast with gradient scaling; channels_last, CUDA-graphed step"),
+    ("cuda", "bf16, then fp16", "bf16 autocast, then fp16 autocast with gradient scaling; channels_last, "
+                                "CUDA-graphed step"),
+    ("cpu", "fp32", "fp32"),
 ])
-def test_provenance_names_the_precision_the_gpu_trains_in(monkeypatch, capability, expected):
-    monkeypatch.setattr(gpu_job, "choose_device", lambda device: torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert gpu_job.precision("cuda") == expected
+def test_provenance_names_the_precision_a_run_trained_in(device, precisions, expected):
+    assert describe_precision(torch.device(device), precisions) == expected
 
 
 def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path):

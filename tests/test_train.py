@@ -15,14 +15,13 @@ from fastai.learner import AvgSmoothLoss, Learner
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-from annotated_resnet.batches import DeviceBatches
+from annotated_resnet.batches import DATA_SEED, DeviceBatches
 from annotated_resnet.checkpoints import load_checkpoint, model_from_checkpoint
 from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.recipe import Recipe, paper_recipe, sgd
-from annotated_resnet.step import TrainingStep, autocast, autocast_dtype
-from annotated_resnet.train import DATA_SEED, DeviceSmoothLoss, NonFiniteLossError, StepCallback, train
+from annotated_resnet.train import DeviceSmoothLoss, NonFiniteLossError, StepCallback, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -179,6 +178,37 @@ def test_resume_reaches_the_weights_of_an_uninterrupted_run(tiny_cifar, tmp_path
         train(tiny_model(), tiny_cifar, tiny_recipe(lr=0.2), progress=False, out=tmp_path / "parts", resume=True)
 
 
+class SetScaleAtIteration(Callback):
+    """Moves fp16's loss scale as an overflow would, so that the scale is part of what a resume restores."""
+
+    def after_batch(self):
+        if self.training and self.learn.run_recorder.run.iteration == 5:
+            self.learn.run_recorder.trainer.scaler.update(512.0)
+
+
+def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=24)
+    whole = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "whole", precision="fp16",
+                  cbs=[SetScaleAtIteration()])
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", precision="fp16",
+          cbs=[SetScaleAtIteration(), StopAfterEpoch()])
+    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", precision="fp16",
+                    resume=True)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    ends = [load_checkpoint(tmp_path / folder) for folder in ("whole", "parts")]
+    assert ends[0]["scaler_state"] == ends[1]["scaler_state"] and ends[0]["scaler_state"]["scale"] == 512.0
+    assert ends[0]["precision"] == ends[1]["precision"] == "fp16"
+    assert whole.history[-1]["train_loss"] < whole.history[0]["train_loss"]
+
+
+def test_a_run_resumed_in_another_precision_says_so(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=24)
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, precision="bf16", resume=True)
+    assert load_checkpoint(tmp_path)["precision"] == "fp32, then bf16"
+
+
 @pytest.mark.parametrize("change, named", [
     ({"seed": 1}, "seed: 0 then, 1 now"),
     ({"train_per_class": 5}, "data: .*'train_per_class': None.*'train_per_class': 5"),
@@ -315,27 +345,6 @@ def test_our_training_step_is_fastais_step(tiny_cifar):
         assert torch.equal(tensor, weights[1][name]), name
 
 
-def test_cuda_graph_steps_need_a_gpu_and_fused_sgd():
-    model = tiny_model()
-    with pytest.raises(ValueError, match="CUDA device"):
-        TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), tiny_recipe()), torch.device("cpu"), graph=True)
-    if torch.cuda.is_available():
-        model = model.cuda()
-        unfused = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match="fused=True"):
-            TrainingStep(model, nn.CrossEntropyLoss(), unfused, torch.device("cuda"), graph=True)
-
-
-@pytest.mark.parametrize("capability, dtype", [((7, 5), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
-def test_bf16_only_on_gpus_with_bf16_tensor_cores(monkeypatch, capability, dtype):
-    # (7, 5) is Colab's T4, which only emulates bf16; (8, 0) the A100, (9, 0) the H100
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    assert autocast_dtype(torch.device("cuda", 0)) == dtype
-    assert autocast_dtype(torch.device("cpu")) is None
-    with autocast(torch.device("cpu")):
-        assert not torch.is_autocast_enabled("cpu") and torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
-
-
 def test_smoothed_loss_on_the_device_equals_fastais(tiny_cifar):
     ours, fastais = DeviceSmoothLoss(), AvgSmoothLoss()
 
@@ -357,27 +366,3 @@ def test_a_run_with_the_progress_bar_logs_the_same_epochs(tiny_cifar, capsys):
     strip = lambda history: [{k: v for k, v in r.items() if k != "seconds"} for r in history]
     assert strip(shown.history) == strip(quiet.history) and len(shown.history) == 2
     assert "train_loss" in capsys.readouterr().out  # fastai's per-epoch table
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-def test_cuda_graph_step_trains_like_the_eager_step(tiny_cifar):
-    device = torch.device("cuda")
-    recipe = tiny_recipe()
-    images, labels = tiny_cifar.train_images, tiny_cifar.train_labels
-    batches = DeviceBatches(images, labels, recipe.batch_size, pixel_mean(images), train=True, device=device)
-    batch_list = [b for _ in range(3) for b in batches]  # 36 batches
-    params = {}
-    for graph in (False, True):
-        model = tiny_model().to(device)
-        step = TrainingStep(model, nn.CrossEntropyLoss(), sgd(model.parameters(), recipe), device, graph=graph)
-        losses = [step(x, y, recipe.lr)[1].item() for x, y in batch_list[:30]]
-        assert (step.captured is not None) == graph
-        before = [p.detach().clone() for p in model.parameters()]
-        for x, y in batch_list[30:]:
-            step(x, y, 0.0)  # a zero learning rate must freeze the weights, graph or not
-        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-        params[graph] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        assert losses[-1] < losses[0]
-    initial = torch.cat([p.flatten() for p in tiny_model().parameters()]).to(device)
-    change = (params[False] - initial).norm()
-    assert (params[True] - params[False]).norm() < 0.05 * change

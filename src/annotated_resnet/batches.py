@@ -12,7 +12,11 @@ import math
 import numpy as np
 import torch
 
-from .data import augment, normalize, to_tensor
+from .data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
+
+#: The split and the data subsets are chosen with this seed whatever the run's seed, so that
+#: runs with different seeds see the same images and differ only in initialisation and order.
+DATA_SEED = 0
 
 
 class DeviceBatches:
@@ -95,3 +99,34 @@ class DeviceBatches:
         self.order_generator.set_state(state["order_state"])
         self.augment_generator.set_state(state["augment_state"])
         self.skip = state["skip"]
+
+
+class RunData:
+    """The batches of one run: training (seeded order and augmentation), validation (the 5k
+    held out by a split, else the test images) and test, with the training images' per-pixel
+    mean; :attr:`description` is what a checkpoint records about them."""
+
+    def __init__(self, cifar: CIFAR10, recipe, train_per_class: int | None, test_per_class: int | None,
+                 seed: int, device: torch.device):
+        images, labels = cifar.train_images, cifar.train_labels
+        if recipe.validation:
+            images, labels, val_images, val_labels = train_val_split(images, labels, recipe.validation, DATA_SEED)
+        if train_per_class is not None:
+            images, labels = balanced_subset(images, labels, train_per_class, DATA_SEED)
+        test_images, test_labels = cifar.test_images, cifar.test_labels
+        if test_per_class is not None:
+            test_images, test_labels = balanced_subset(test_images, test_labels, test_per_class, DATA_SEED)
+        self.mean = pixel_mean(images)
+        self.train = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device)
+        eval_batch = max(recipe.batch_size, 5_000 if device.type == "cuda" else 1_000)
+        self.test = DeviceBatches(test_images, test_labels, eval_batch, self.mean, False, device=device)
+        self.valid = (DeviceBatches(val_images, val_labels, eval_batch, self.mean, False, device=device)
+                      if recipe.validation else self.test)
+        self.description = {"source": cifar.source, "train_images": len(labels), "test_images": len(test_labels),
+                            "validation_images": recipe.validation, "train_per_class": train_per_class,
+                            "test_per_class": test_per_class, "data_seed": DATA_SEED}
+
+    def use_channels_last(self) -> None:
+        """Hand the network its batches in channels_last layout (faster convolutions on a GPU)."""
+        for batches in (self.train, self.valid, self.test):
+            batches.channels_last = True

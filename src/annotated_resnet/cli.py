@@ -14,7 +14,7 @@ from .data import load_cifar10
 from .evaluation import evaluate
 from .model import create_model
 from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
-from .step import choose_device
+from .step import PRECISIONS, choose_device, choose_precision
 from .train import NonFiniteLossError, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after .train, which quiets fastai's import
@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="initialisation, order and augmentation seed (default 0)")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     train.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on a GPU)")
+    train.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto (default): bf16 on GPUs with bf16 tensor cores (A100, L4, H100, RTX 30xx+), "
+                            "fp16 with gradient scaling on other CUDA GPUs (T4), fp32 on the CPU")
     train.add_argument("--no-cuda-graph", action="store_true",
                        help="on a GPU, run each training step eagerly instead of as a CUDA graph")
     train.add_argument("--base-width", type=positive_int, metavar="W", help="filters of the first stage (paper: 16)")
@@ -122,12 +125,13 @@ def run_train(args) -> int:
     cifar = load_cifar10(args.data)
     torch.manual_seed(args.seed)  # the initialisation is part of the run's seed
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
-    print(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nrun folder: {out}", flush=True)
+    precision = choose_precision(choose_device(args.device), args.precision)
+    print(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nprecision: {precision}\nrun folder: {out}", flush=True)
     try:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, progress=not args.no_progress,
                        out=out, resume=args.resume, device=args.device, compile=args.compile,
-                       cuda_graph=not args.no_cuda_graph,
+                       cuda_graph=not args.no_cuda_graph, precision=precision,
                        cbs=[EpochPrinter()] if args.no_progress else None)
     except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr)

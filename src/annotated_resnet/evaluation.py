@@ -11,10 +11,11 @@ from .step import autocast
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = None,
-             batch_size: int = 500) -> float:
+             batch_size: int = 500, precision: str = "auto") -> float:
     """Error rate of ``model`` on uint8 ``images`` (N, 32, 32, 3) with ``labels``, after
     subtracting the per-pixel training ``mean`` (Sec. 4.2): the single original view of
-    each test image, no augmentation. ``images`` may also be a :class:`DeviceBatches`."""
+    each test image, no augmentation. ``images`` may also be a :class:`DeviceBatches`.
+    ``precision``: as in training (:func:`~annotated_resnet.step.choose_precision`)."""
     device = next(model.parameters()).device
     if isinstance(images, DeviceBatches):
         batches = images
@@ -27,7 +28,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
     was_training = model.training
     model.eval()
     wrong = torch.zeros((), device=device)
-    with autocast(device):
+    with autocast(device, precision):
         for x, y in batches:
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)

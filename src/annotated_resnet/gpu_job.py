@@ -45,7 +45,7 @@ from .cli import positive_float, positive_int
 from .data import load_cifar10
 from .checkpoints import CHECKPOINT_NAME, LOG_NAME, atomic_save, load_checkpoint
 from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
-from .step import autocast_dtype, choose_device
+from .step import PRECISIONS, choose_device, describe_precision
 
 WEIGHTS_NAME = "weights-fp16.pt"
 PROVENANCE_NAME = "provenance.json"
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cuda (default when there is one) or cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="auto (default): bf16 where the GPU has it, fp16 on other CUDA GPUs, fp32 on the CPU")
     parser.add_argument("--base-width", type=positive_int, help="filters of the first stage (paper: 16)")
     parser.add_argument("--train-per-class", type=positive_int, help="train on a class-balanced subset")
     parser.add_argument("--test-per-class", type=positive_int, help="test on a class-balanced subset")
@@ -160,7 +162,7 @@ def train_command(name: str, folder: Path, args, resume: bool) -> list[str]:
     command = [sys.executable, "-m", "annotated_resnet.cli", "train", name, "--out", str(folder),
                "--seed", str(args.seed), "--no-progress"]
     options = {"--data": args.data, "--scale-to": args.iterations, "--batch-size": args.batch_size,
-               "--device": args.device, "--base-width": args.base_width,
+               "--device": args.device, "--base-width": args.base_width, "--precision": args.precision,
                "--train-per-class": args.train_per_class, "--test-per-class": args.test_per_class}
     for flag, value in options.items():
         if value is not None:
@@ -243,7 +245,7 @@ def write_results(folder: Path, name: str, args, source: str, wall_seconds: floa
     provenance = {
         "run": name, "status": status, "iterations_done": iteration,
         "final_test_error": history[-1]["test_error"] if history else None,
-        "device": device_name(args.device), "precision": precision(args.device), "torch": torch.__version__,
+        "device": device_name(args.device), "precision": describe_precision(choose_device(args.device), checkpoint["precision"]), "torch": torch.__version__,
         "data": {**checkpoint["data"], "source": source},
         "training_set": training_set(checkpoint["data"]),
         "command": shlex.join([sys.executable, "-m", "annotated_resnet.gpu_job", *args.argv]),
@@ -271,15 +273,6 @@ def device_name(device: str | None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
-
-
-def precision(device: str | None) -> str:
-    """What :func:`annotated_resnet.train.train` uses on that device."""
-    device = choose_device(device)
-    if device.type == "cpu":
-        return "fp32"
-    dtype = "bf16 autocast" if autocast_dtype(device) == torch.bfloat16 else "fp32 (no bf16 tensor cores)"
-    return f"{dtype}, channels_last, CUDA-graphed step"
 
 
 def git_commit() -> str | None:

@@ -111,9 +111,10 @@ def paper_recipe(name: str, split: bool = False) -> Recipe:
                   validation=PAPER_VALIDATION if split else 0)
 
 
-def sgd(params, recipe: Recipe, lr: float | None = None) -> torch.optim.SGD:
+def sgd(params, recipe: Recipe, lr: float | None = None, fused: bool | None = None) -> torch.optim.SGD:
     """Sec. 4.2's optimizer: SGD with the recipe's momentum and weight decay, at ``lr`` (the
-    recipe's by default); on a GPU one fused kernel updates every parameter."""
+    recipe's by default). ``fused`` (default: on a GPU) updates every parameter in one kernel."""
     params = list(params)
+    fused = params[0].is_cuda if fused is None else fused
     return torch.optim.SGD(params, lr=recipe.lr if lr is None else lr, momentum=recipe.momentum,
-                           weight_decay=recipe.weight_decay, fused=params[0].is_cuda)
+                           weight_decay=recipe.weight_decay, fused=fused)

@@ -1,5 +1,15 @@
 """One training step (forward, loss, backward, SGD update), the device it runs on and the
 precision it runs in; on a GPU the step is captured once as a CUDA graph and replayed.
+
+Precision (``--precision``; ``auto`` chooses by hardware): bf16 autocast on GPUs with bf16
+tensor cores (compute capability 8.0 and up: A100, L4, H100, RTX 30xx ...); fp16 autocast with
+gradient scaling on other CUDA GPUs, such as the T4 of Colab and Kaggle, whose tensor cores
+compute in fp16 but not in bf16; fp32 on the CPU. fp16's narrow range makes small gradients
+underflow, so the loss is multiplied by a scale before the backward pass and the gradients
+divided by it in the update (``torch.amp.GradScaler``); a step whose gradients overflowed is
+skipped and the scale halved, and the scale doubles after 2,000 good steps. With the fused
+SGD kernel all of that happens on the device, so it fits inside the CUDA graph and the host
+never waits for the GPU to learn whether a step was skipped.
 """
 
 from __future__ import annotations
@@ -8,6 +18,9 @@ import contextlib
 
 import torch
 from torch import nn
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
@@ -22,97 +35,163 @@ def choose_device(device: str | torch.device | None = None) -> torch.device:
     return device
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    """The reduced precision a training step runs in on ``device``: bf16 on a GPU with bf16
-    tensor cores (compute capability 8.0 and up: A100, H100, L4, RTX 30xx ...), none (fp32) on
-    the CPU and on older GPUs such as Colab's T4, which have no bf16 hardware (torch emulates
-    it there, which adds rounding but no speed)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
-        return torch.bfloat16
-    return None
+def choose_precision(device: torch.device, precision: str = "auto") -> str:
+    """``precision`` if it names one (bf16, fp16, fp32); for ``auto``: bf16 on a GPU with bf16
+    tensor cores (compute capability 8.0+), fp16 on other CUDA GPUs, fp32 on the CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
 
 
-def autocast(device: torch.device):
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The reduced dtype the step computes in on ``device`` (``None``: fp32)."""
+    return AUTOCAST_DTYPES[choose_precision(device, precision)]
+
+
+def autocast(device: torch.device, precision: str = "auto"):
     """The autocast context of :func:`autocast_dtype` (a do-nothing context for fp32)."""
-    dtype = autocast_dtype(device)
+    dtype = autocast_dtype(device, precision)
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
+
+
+def describe_precision(device: torch.device, precisions: str) -> str:
+    """How a run computed, for its provenance: ``precisions`` is a precision, or several
+    joined by ", then " when a resumed run moved to other hardware."""
+    words = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with gradient scaling"}
+    described = ", then ".join(words[p] for p in precisions.split(", then "))
+    return described if device.type == "cpu" else f"{described}; channels_last, CUDA-graphed step"
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """The gradient scaler that fp16 needs (``None`` for bf16 and fp32, whose range is fp32's)."""
+    return torch.amp.GradScaler(device.type) if choose_precision(device, precision) == "fp16" else None
 
 
 class TrainingStep:
     """Forward pass, cross-entropy loss, backward pass and SGD update for one batch.
 
-    On the CPU it runs eagerly in fp32. On a CUDA device it runs under :func:`autocast` (bf16
-    where the GPU has bf16 tensor cores, else fp32) and, after ``eager_steps`` ordinary steps,
-    as a CUDA graph: a ResNet-20 step at batch 128 is a few hundred small kernels, and
-    launching them one by one from Python takes longer than the GPU needs to run them, while a
-    captured graph launches them all at once. The graph
-    reads each batch from fixed input tensors and the learning rate from a device tensor, so
-    the schedule still holds; the optimizer must be SGD with ``fused=True`` (one kernel that
-    takes its rate from that tensor). The eager steps before the capture let CUDA libraries
-    set themselves up, on a side stream as PyTorch's CUDA-graph notes ask.
+    It runs under :func:`autocast` in the chosen precision; for fp16, ``scaler`` (a
+    ``torch.amp.GradScaler``, a new one by default) scales the loss. On a CUDA device, after
+    ``eager_steps`` ordinary steps, it runs as a CUDA graph: a ResNet-20 step at batch 128 is a
+    few hundred small kernels, and launching them one by one from Python takes longer than the
+    GPU needs to run them, while a captured graph launches them all at once. The graph reads
+    each batch from fixed input tensors and the learning rate from a device tensor, so the
+    schedule still holds; the optimizer must be SGD with ``fused=True`` (one kernel that takes
+    its rate from that tensor, and the scale and the overflow flag from the scaler's tensors).
+    The eager steps before the capture let CUDA libraries set themselves up, on a side stream
+    as PyTorch's CUDA-graph notes ask. A fused optimizer takes its rate from the device tensor
+    in the eager steps too, so that the CPU runs the very code the graph captures.
     """
 
     def __init__(self, model: nn.Module, loss_func, optimizer: torch.optim.Optimizer, device: torch.device,
-                 graph: bool | None = None, eager_steps: int = 3):
+                 graph: bool | None = None, eager_steps: int = 3, precision: str = "auto",
+                 scaler: torch.amp.GradScaler | None = None):
         self.model, self.loss_func, self.optimizer, self.device = model, loss_func, optimizer, device
+        self.precision = choose_precision(device, precision)
+        self.scaler = scaler if scaler is not None else grad_scaler(device, self.precision)
         self.cuda = device.type == "cuda"
         self.graph = self.cuda if graph is None else graph
+        fused = all(g.get("fused") for g in optimizer.param_groups)
         if self.graph and not self.cuda:
             raise ValueError("CUDA graphs need a CUDA device; use graph=False on the CPU")
-        if self.graph and not all(g.get("fused") for g in optimizer.param_groups):
+        if self.graph and not fused:
             raise ValueError("a graphed step needs torch.optim.SGD(..., fused=True), whose update reads the "
                              "learning rate from a device tensor")
+        if self.scaler is not None and not fused:
+            raise ValueError("gradient scaling without a host sync needs torch.optim.SGD(..., fused=True), whose "
+                             "update takes the scale and the overflow flag from device tensors")
+        if self.scaler is not None:
+            _zero_momentum_buffers(optimizer)
+        self.rate = torch.zeros((), device=device) if fused else None  # the rate a fused update reads
+        self.rate_value = None
         self.eager_steps, self.steps = eager_steps, 0
         self.captured = None  # the CUDA graph, once captured
         self.side_stream = torch.cuda.Stream(device) if self.cuda else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step at learning rate ``lr``; returns the predictions and the (detached) loss.
-        In graph mode both are the graph's output tensors, overwritten by the next step."""
+        """One step at learning rate ``lr``; returns the predictions and the (detached, unscaled)
+        loss. In graph mode both are the graph's output tensors, overwritten by the next step."""
         self.steps += 1
+        self._set_rate(lr)
         if not self.graph:
-            return self._eager(images, labels, lr)
+            return self._eager(images, labels)
         if self.steps <= self.eager_steps:
             self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.side_stream):
-                outputs = self._eager(images, labels, lr)
+                outputs = self._eager(images, labels)
             torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
             return outputs
         if self.captured is None:
             self._capture(images, labels)
         self.images.copy_(images)
         self.labels.copy_(labels)
-        if lr != self.lr_value:
-            self.lr.fill_(lr)
-            self.lr_value = lr
         self.captured.replay()
         return self.pred, self.loss
 
+    def _set_rate(self, lr: float) -> None:
+        """The coming update's learning rate: written into the device tensor (only when it
+        changes, at a milestone or the warm-up's end) for a fused optimizer, else into its groups."""
+        if self.rate is None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+        elif lr != self.rate_value:
+            self.rate.fill_(lr)
+            self.rate_value = lr
+
+    @contextlib.contextmanager
+    def _rate_from_tensor(self):
+        """Inside: a fused optimizer's groups read the rate from :attr:`rate`; after: they hold
+        a number again, for whoever reads the optimizer's hyperparameters (fastai, checkpoints)."""
+        groups = self.optimizer.param_groups
+        numbers = [g["lr"] for g in groups]
+        if self.rate is not None:
+            for group in groups:
+                group["lr"] = self.rate
+        try:
+            yield
+        finally:
+            for group, number in zip(groups, numbers):
+                group["lr"] = number
+
     def _forward_backward(self, images, labels):
-        with autocast(self.device):
+        with autocast(self.device, self.precision):
             pred = self.model(images)
             loss = self.loss_func(pred.float(), labels)
-        loss.backward()
-        self.optimizer.step()
+        with self._rate_from_tensor():
+            if self.scaler is None:
+                loss.backward()
+                self.optimizer.step()
+            else:  # the fused update unscales, and skips the step if a gradient overflowed
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
         return pred.detach(), loss.detach()
 
-    def _eager(self, images, labels, lr):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+    def _eager(self, images, labels):
         outputs = self._forward_backward(images, labels)
         self.optimizer.zero_grad(set_to_none=True)
         return outputs
 
     def _capture(self, images, labels):
         self.images, self.labels = torch.empty_like(images), torch.empty_like(labels)
-        self.lr, self.lr_value = torch.zeros((), device=self.device), 0.0
-        groups = self.optimizer.param_groups
-        rates = [g["lr"] for g in groups]
-        for group in groups:
-            group["lr"] = self.lr  # the captured update reads the rate from this tensor
         self.optimizer.zero_grad(set_to_none=True)  # the graph owns the gradients it computes
         self.captured = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.captured):
+        # its own capture stream, and errors only for unsafe calls of this thread: other runs
+        # of the engine go on launching work from their threads during the capture
+        with torch.cuda.graph(self.captured, stream=self.side_stream, capture_error_mode="thread_local"):
             self.pred, self.loss = self._forward_backward(self.images, self.labels)
-        for group, rate in zip(groups, rates):
-            group["lr"] = rate
+
+
+def _zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter a zero momentum buffer before the first update. The fused kernel
+    otherwise creates the buffers at the first step and, if gradient scaling skips that step,
+    leaves them uninitialised; from zero, the first update's buffer is the gradient, as
+    SGD's first step makes it."""
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for param in group["params"]:
+                optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))

@@ -38,7 +38,6 @@ import torch
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelBatchException, CancelFitException
-from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
 from fastai.learner import AvgSmoothLoss, Learner
@@ -46,7 +45,7 @@ from fastai.metrics import error_rate
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-from .batches import DeviceBatches
+from .batches import RunData
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -57,24 +56,21 @@ from .checkpoints import (
     load_checkpoint,
     write_log,
 )
-from .data import CIFAR10, balanced_subset, pixel_mean, train_val_split
+from .data import CIFAR10
 from .evaluation import evaluate
 from .model import create_model
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
-from .step import TrainingStep, autocast_dtype, choose_device
+from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler
 
-#: The split and the data subsets are chosen with this seed whatever the run's seed, so that
-#: runs with different seeds see the same images and differ only in initialisation and order.
-DATA_SEED = 0
 #: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
 #: checkpoint); reading it every step would make the host wait for the GPU at every step.
 CHECK_EVERY = 100
 
 
-def _fastai_sgd(params, lr, recipe: Recipe) -> OptimWrapper:
+def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
     """:func:`~annotated_resnet.recipe.sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
-    return OptimWrapper(opt=sgd(params, recipe, lr))
+    return OptimWrapper(opt=sgd(params, recipe, lr, fused=fused))
 
 
 # --- The callbacks ---
@@ -86,20 +82,35 @@ class StepCallback(Callback):
     validation, metrics) as if fastai had done the step: the standard way to give a fastai
     ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``)."""
 
-    order = 8  # after PaperSchedule (5) has set the learning rate; before MixedPrecision (10)
+    order = 8  # after PaperSchedule (5) has set the learning rate
 
-    def __init__(self, graph: bool | None = None):
-        self.graph = graph
+    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None):
+        self.graph, self.precision, self.scaler = graph, precision, scaler
 
     def before_fit(self):
         device = next(self.model.parameters()).device
-        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph)
+        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph,
+                                          precision=self.precision, scaler=self.scaler)
 
     def before_batch(self):
         if not self.training:
             return
         self.learn.pred, self.learn.loss = self.training_step(self.xb[0], self.yb[0], self.opt.hypers[-1]["lr"])
         raise CancelBatchException()
+
+
+class ValidationAutocast(Callback):
+    """The validation pass in the run's reduced precision (the training step has its own)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, precision
+
+    def before_validate(self):
+        self.context = autocast(self.device, self.precision)
+        self.context.__enter__()
+
+    def after_validate(self):
+        self.context.__exit__(None, None, None)
 
 
 class DeviceSmoothLoss(AvgSmoothLoss):
@@ -278,32 +289,19 @@ class TrainResult:
     stopped: str | None = None
 
 class _Trainer:
-    """Holds one run's data, model, learner and run folder for the callbacks."""
+    """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
-    def __init__(self, model, cifar: CIFAR10, recipe: Recipe, train_per_class, test_per_class, seed, device, out):
-        self.recipe, self.seed, self.device = recipe, seed, device
+    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out):
+        self.recipe, self.seed, self.device, self.precision = recipe, seed, device, precision
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
         self.saved_iteration = 0
-        images, labels = cifar.train_images, cifar.train_labels
+        self.mean, self.data = data.mean, data.description
+        self.train_batches, self.valid_batches, self.test_batches = data.train, data.valid, data.test
         self.has_validation = recipe.validation > 0
-        if self.has_validation:
-            images, labels, val_images, val_labels = train_val_split(images, labels, recipe.validation, DATA_SEED)
-        if train_per_class is not None:
-            images, labels = balanced_subset(images, labels, train_per_class, DATA_SEED)
-        test_images, test_labels = cifar.test_images, cifar.test_labels
-        if test_per_class is not None:
-            test_images, test_labels = balanced_subset(test_images, test_labels, test_per_class, DATA_SEED)
-        self.mean = pixel_mean(images)
-        self.train_batches = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device)
-        eval_batch = max(recipe.batch_size, 5_000 if device.type == "cuda" else 1_000)
-        self.test_batches = DeviceBatches(test_images, test_labels, eval_batch, self.mean, False, device=device)
-        self.valid_batches = (DeviceBatches(val_images, val_labels, eval_batch, self.mean, False, device=device)
-                              if self.has_validation else self.test_batches)
         self.model = model.to(device)
-        self.data = {"source": cifar.source, "train_images": len(labels), "test_images": len(test_labels),
-                     "validation_images": recipe.validation, "train_per_class": train_per_class,
-                     "test_per_class": test_per_class, "data_seed": DATA_SEED}
+        self.scaler = grad_scaler(device, precision)
+        self.precisions = precision  # every precision the run has trained in, in order
 
     def identity(self) -> dict:
         """What makes this run this run, as its checkpoint records it."""
@@ -312,7 +310,7 @@ class _Trainer:
 
     def test_error(self) -> float:
         """Error on the test images (the full test set, or its class-balanced subset)."""
-        return evaluate(self.model, self.test_batches)
+        return evaluate(self.model, self.test_batches, precision=self.precision)
 
     def save(self, run: RunState) -> None:
         """Write the checkpoint atomically: a temporary file in the run folder, then
@@ -324,12 +322,20 @@ class _Trainer:
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
             "run": dataclasses.asdict(run),
             "loader": self.train_batches.state(run.batches_in_epoch),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": torch.get_rng_state(), "precision": self.precisions,
+            "scaler_state": self.scaler.state_dict() if self.scaler else None,
         }
         atomic_save(checkpoint, self.checkpoint_path)
         write_log(self.out / LOG_NAME, run.history)
         self.saved_iteration = run.iteration
 
+
+
+def _precisions(before: str | None, now: str) -> str:
+    """The precisions of a resumed run: ``"bf16"``, or ``"bf16, then fp16"`` if it moved."""
+    if before is None or before.rsplit(", then ", 1)[-1] == now:
+        return before or now
+    return f"{before}, then {now}"
 
 
 def _signal_handlers(recorder: RunRecorder):
@@ -351,7 +357,8 @@ def _signal_handlers(recorder: RunRecorder):
 def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class: int | None = None,
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
-          compile: bool = False, cuda_graph: bool = True, cbs: list | None = None) -> TrainResult:
+          compile: bool = False, cuda_graph: bool = True, precision: str = "auto",
+          cbs: list | None = None) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
@@ -359,12 +366,14 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     ``train_per_class`` / ``test_per_class`` take class-balanced subsets (small scales);
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
     ``resume`` continues from that folder's checkpoint (which must exist, and be of the same
-    model, recipe, seed and data) and reaches the same weights as an uninterrupted run. On a CUDA device training uses channels_last, a CUDA-graphed step
-    (``cuda_graph=False`` runs it eagerly) and bf16 autocast where the GPU has bf16 tensor
-    cores (:func:`autocast_dtype`; fp32 on older GPUs), and ``compile=True`` adds
-    ``torch.compile``; on the CPU it runs in fp32.
+    model, recipe, seed and data) and reaches the same weights as an uninterrupted run. On a
+    CUDA device training uses channels_last and a CUDA-graphed step (``cuda_graph=False`` runs
+    it eagerly), and ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
+    GPUs with bf16 tensor cores, fp16 with gradient scaling on other CUDA GPUs, fp32 on the CPU:
+    :func:`~annotated_resnet.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
     """
     device = choose_device(device)
+    precision = choose_precision(device, precision)
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
     checkpoint = None
@@ -376,7 +385,8 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     elif resume:
         raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {str(out)!r}; "
                                 "drop --resume (resume=False) to start a new run there")
-    trainer = _Trainer(model, cifar, recipe, train_per_class, test_per_class, seed, device, out)
+    data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device)
+    trainer = _Trainer(model, data, recipe, seed, device, precision, out)
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
@@ -386,13 +396,18 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         trainer.train_batches.load_state(checkpoint["loader"])
         torch.set_rng_state(checkpoint["torch_rng"])
         trainer.saved_iteration = run.iteration
+        trainer.precisions = _precisions(checkpoint.get("precision"), precision)
+        if trainer.scaler and checkpoint.get("scaler_state"):
+            trainer.scaler.load_state_dict(checkpoint["scaler_state"])
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
-    callbacks = [PaperSchedule(recipe, run), StepCallback(graph=cuda_graph and device.type == "cuda"), recorder]
+    step = StepCallback(graph=cuda_graph and device.type == "cuda", precision=precision, scaler=trainer.scaler)
+    callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
     net = torch.compile(model) if compile else model
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
-    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe),
+    fused = device.type == "cuda" or trainer.scaler is not None  # fp16's scaler needs the fused update
+    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe, fused=fused),
                     lr=recipe.lr, metrics=error_rate, cbs=callbacks + list(cbs or []))
     learn.recorder.smooth_loss = DeviceSmoothLoss()
     learn.remove_cb(learn.progress)
@@ -401,10 +416,8 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     else:
         learn.logger = lambda *args: None
     if device.type == "cuda":
-        trainer.train_batches.channels_last = trainer.valid_batches.channels_last = True
+        data.use_channels_last()
         learn.add_cb(ChannelsLast())
-        if autocast_dtype(device) == torch.bfloat16:
-            learn.add_cb(MixedPrecision("bf16"))  # for the validation pass; the step has its own autocast
     trainer.learn = learn
     learn.create_opt()
     if checkpoint is not None:
