@@ -1,15 +1,19 @@
-"""The GPU job at a tiny scale on the CPU: two runs side by side, the reference-run files,
-resuming from its own checkpoints, and the reference-run loader."""
+"""The GPU job (`annotated-resnet reproduce`) at a tiny scale on the CPU: two runs side by side,
+the reference-run files, resuming from its own checkpoints, the paper's sets, and the
+reference-run loader."""
 
 import json
+import runpy
+import sys
 
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
 from annotated_resnet import gpu_job
+from annotated_resnet.cli import build_parser, main, runs_from_args
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, longest_reference_run, main
+from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, longest_reference_run
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.step import describe_precision
 from annotated_resnet.train import paper_recipe, train
@@ -36,6 +40,7 @@ class StopAfterEpoch(Callback):
         raise CancelFitException()
 
 
+@pytest.mark.filterwarnings("ignore:'annotated_resnet.gpu_job' found in sys.modules")  # runpy in this process
 def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the data cache goes to ./data
     out = tmp_path / "job"
@@ -45,14 +50,10 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     partial = train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
                     out=out / "resnet20", cbs=[StopAfterEpoch()])
     assert partial.history[-1]["iteration"] == 5
-    # an unfinished run keeps only its checkpoint: it is no reference run yet
-    args = gpu_job.build_parser().parse_args(job_args(image_tree, out))
-    status = gpu_job.write_results(out / "resnet20", "resnet20", args, "source", 1.0)
-    assert status.startswith("stopped at iteration 5 of 10") and list_reference_runs(out) == []
 
-    assert main(job_args(image_tree, out)) == 0
+    assert main(["reproduce", *job_args(image_tree, out)]) == 0
     printed = capsys.readouterr().out
-    assert "resnet20: resuming" in printed and "plain20: starting" in printed
+    assert "resnet20: resuming at iteration 5" in printed and "plain20: starting" in printed
     for name in ("plain20", "resnet20"):
         history, provenance, state_dict = load_reference_run(out / name)
         assert [r["iteration"] for r in history] == [5, 10]
@@ -61,7 +62,7 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
         assert "CPU" in provenance["device"] and provenance["precision"] == "fp32"
         assert str(image_tree) in provenance["data"]["source"]
         assert provenance["training_set"] == "50 training images, no validation split"
-        assert provenance["command"].endswith("-m annotated_resnet.gpu_job " + " ".join(job_args(image_tree, out)))
+        assert provenance["command"] == "annotated-resnet reproduce " + " ".join(job_args(image_tree, out))
         assert provenance["date"].startswith("20")
         assert state_dict["fc.weight"].dtype == torch.float16
         model = cifar_resnet(**provenance["model"])
@@ -69,24 +70,38 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     # resnet20 continued from its checkpoint: its first epoch is the one trained before the job
     history, _, _ = load_reference_run(out / "resnet20")
     assert history[0] == partial.history[0]
-    # a rerun finds both runs finished and trains nothing
+    # a rerun, here through the module's own entry point, finds both runs finished and trains nothing
     files = ("checkpoint.pt", "provenance.json", "weights-fp16.pt")
     before = [(out / "plain20" / f).stat().st_mtime_ns for f in files]
-    assert main(job_args(image_tree, out)) == 0
+    monkeypatch.setattr(sys, "argv", ["gpu_job", *job_args(image_tree, out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("annotated_resnet.gpu_job", run_name="__main__")
+    assert exit_.value.code == 0
     assert "plain20: already finished" in capsys.readouterr().out
     assert [(out / "plain20" / f).stat().st_mtime_ns for f in files] == before
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--runs", "resnet20,resnet21"], "resnet21"),
-    (["--runs", "resnet20,plain20,resnet20"], "resnet20 given twice"),
+    (["--runs", "resnet20,resnet21"], "unknown run 'resnet21'"),
+    (["--runs", "resnet110@x"], "the seed after @ must be a whole number"),
+    (["fig7"], "no set 'fig7'; the sets are fig6, table6"),
     (["--runs", "resnet20", "--iterations", "0"], "expected a positive whole number"),
     (["--runs", "resnet20", "--budget-minutes", "-1"], "expected a positive number"),
 ])
 def test_bad_options_are_explained(capsys, flags, message):
     with pytest.raises(SystemExit):
-        main(["--budget-minutes", "1", "--out", "x", *flags])
+        main(["reproduce", "--out", "x", *flags])
     assert message in capsys.readouterr().err
+
+
+def test_the_paper_sets_are_fig6_and_table6_once_each(capsys):
+    args = build_parser().parse_args(["reproduce", "fig6", "table6", "--runs", "resnet110@1"])
+    runs = runs_from_args(args)
+    assert [run.name for run in runs] == ["plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32",
+                                          "resnet44", "resnet56", "resnet110", "resnet110-seed1"]
+    assert [run.seed for run in runs][-2:] == [0, 1]
+    assert all(run.recipe == paper_recipe(run.recipe.model) for run in runs)  # the paper's, on all 50k
+    assert main(["reproduce", "--out", "x"]) == 1 and "name the runs" in capsys.readouterr().err
 
 
 def test_a_folder_of_another_recipe_is_refused(image_tree, tmp_path, monkeypatch, capsys):
@@ -98,7 +113,7 @@ def test_a_folder_of_another_recipe_is_refused(image_tree, tmp_path, monkeypatch
           out=out / "resnet20", cbs=[StopAfterEpoch()])
     args = job_args(image_tree, out)
     args[args.index("--iterations") + 1] = "20"
-    assert main(args) == 1
+    assert main(["reproduce", *args]) == 1
     assert "holds a run of another recipe" in capsys.readouterr().err
 
 

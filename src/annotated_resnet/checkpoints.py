@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,6 +17,23 @@ from .model import ResNet, cifar_resnet
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # the layout of the dict that checkpoint.pt holds
 LOG_NAME = "log.jsonl"
+
+
+@dataclass
+class RunState:
+    """Where a run stands: everything besides the model, optimizer and loader states that a
+    checkpoint stores: the iteration, the epoch and the batches into it, the warm-up, the running
+    sums of the epoch's training loss and error, and the per-epoch history."""
+
+    iteration: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    warmed_up: bool = True
+    smoothed_error: float = 1.0
+    seconds: float = 0.0
+    loss_sum: float = 0.0
+    error_sum: float = 0.0
+    history: list = field(default_factory=list)
 
 
 def describe_model(model: ResNet) -> dict:
@@ -61,6 +79,20 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
         raise ValueError(f"{str(path)!r} is not a checkpoint of this package (format {CHECKPOINT_FORMAT}); "
                          f"{expected}. A bare state_dict loads with model.load_state_dict(torch.load(path, weights_only=True)).")
     return checkpoint
+
+
+def checkpoint_to_resume(out: str | os.PathLike | None, resume: bool) -> dict | None:
+    """The checkpoint in the run folder ``out`` if ``resume``, ``None`` for a new run; an
+    error that says what to do if the folder and ``resume`` disagree."""
+    if out is not None and (Path(out) / CHECKPOINT_NAME).exists():
+        if not resume:
+            raise FileExistsError(f"{str(out)!r} already holds a run; resume it (--resume / resume=True) "
+                                  "or choose another output folder")
+        return load_checkpoint(out)
+    if resume:
+        raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {str(out)!r}; "
+                                "drop --resume (resume=False) to start a new run there")
+    return None
 
 
 def model_from_checkpoint(checkpoint: dict) -> nn.Module:

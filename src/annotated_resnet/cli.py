@@ -1,16 +1,21 @@
-"""``annotated-resnet``: train a CIFAR-10 network of Sec. 4.2 and evaluate checkpoints."""
+"""``annotated-resnet``: train a CIFAR-10 network of Sec. 4.2, evaluate checkpoints, and
+reproduce the paper's sets of runs (Fig. 6, Table 6) side by side on one GPU."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import shlex
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
 from .checkpoints import load_checkpoint, model_from_checkpoint
 from .data import load_cifar10
+from .engine import Run
+from .gpu_job import run_job
 from .evaluation import evaluate
 from .model import create_model
 from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
@@ -29,6 +34,11 @@ examples:
   annotated-resnet train resnet56 --out runs/resnet56 --resume
                                                         # continue a stopped run where it stopped
   annotated-resnet evaluate runs/resnet56/checkpoint.pt # test error of a checkpoint
+  annotated-resnet reproduce fig6 table6 --out runs/paper --budget-minutes 9
+                                                        # Fig. 6 and Table 6's nine runs side by side on a GPU;
+                                                        # the same command resumes what the budget left
+  annotated-resnet reproduce --runs resnet110@1,resnet110@2 --out runs/paper
+                                                        # more seeds of one net (folders resnet110-seed1, ...)
 
 data: --data PATH, else $ANNOTATED_RESNET_CIFAR10, else torchvision's download into ./data.
 PATH is an image-folder tree (train/<class>/*.jpg, test/<class>/*.jpg), a .tar.gz of one,
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="annotated-resnet", description="Train and evaluate the CIFAR-10 networks of He et al. (2015), Sec. 4.2.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,reproduce}")
 
     train = commands.add_parser("train", help="train a network with the paper's recipe", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,7 +99,103 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint.pt (or its run folder)")
     evaluate.add_argument("--data", metavar="PATH", help="CIFAR-10 source (see below)")
     evaluate.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    add_reproduce_parser(commands)
     return parser
+
+
+#: The paper's sets of CIFAR-10 runs. Fig. 6 plots plain-20/32/44/56 (left), ResNet-20/32/44/56/110
+#: (middle) and ResNet-110/1202 (right); Table 6 lists ResNet-20 ... 110 and 1202. ResNet-1202
+#: alone costs about eleven ResNet-110s, so it runs only when named: --runs resnet1202.
+PAPER_SETS = {
+    "fig6": ["plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"],
+    "table6": ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"],
+}
+
+
+def add_reproduce_parser(commands) -> None:
+    reproduce = commands.add_parser(
+        "reproduce", help="train the paper's sets of runs side by side on one GPU", epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train several CIFAR-10 runs side by side in one process (one CUDA stream each) within a "
+                    "time budget; rerun the same command to resume the runs the budget stopped. Prints an "
+                    "estimate of the time the set needs after a short timing at the start.")
+    reproduce.add_argument("sets", nargs="*", type=paper_set, metavar="SET",
+                           help=f"paper sets: {', '.join(f'{k} ({len(v)} runs)' for k, v in PAPER_SETS.items())}")
+    reproduce.add_argument("--runs", type=run_names, default=[], metavar="NAMES",
+                           help="more runs, comma-separated: a model name (resnet20) or name@seed (resnet110@1)")
+    reproduce.add_argument("--out", default="runs/paper", metavar="DIR", help="one folder per run (default runs/paper)")
+    reproduce.add_argument("--budget-minutes", type=positive_float, metavar="M",
+                           help="wall-clock budget; runs still going then save a checkpoint (default: none)")
+    reproduce.add_argument("--timing-seconds", type=positive_float, default=20.0, metavar="S",
+                           help="how long to time the runs for the estimate (default 20)")
+    reproduce.add_argument("--data", metavar="PATH", help="CIFAR-10 source (see below)")
+    reproduce.add_argument("--iterations", type=positive_int, metavar="N",
+                           help="shrink each schedule to N iterations (default: the paper's 64k)")
+    reproduce.add_argument("--batch-size", type=positive_int, metavar="B", help="mini-batch size (paper: 128)")
+    reproduce.add_argument("--split", action="store_true",
+                           help="hold out 5k training images for validation (the paper's 45k/5k split); default: "
+                                "train on all 50k, as the paper's reported models were")
+    reproduce.add_argument("--seed", type=int, default=0, help="seed of the runs named without @seed (default 0)")
+    reproduce.add_argument("--device", help="cuda (default when there is one) or cpu")
+    reproduce.add_argument("--precision", choices=PRECISIONS, default="auto",
+                           help="auto (default): bf16 where the GPU has it, fp16 on other CUDA GPUs, fp32 on the CPU")
+    reproduce.add_argument("--compile", action="store_true", help="torch.compile each model")
+    reproduce.add_argument("--base-width", type=positive_int, metavar="W", help="filters of the first stage (paper: 16)")
+    reproduce.add_argument("--train-per-class", type=positive_int, metavar="K", help="train on K images per class")
+    reproduce.add_argument("--test-per-class", type=positive_int, metavar="K", help="test on K images per class")
+
+
+def paper_set(text: str) -> str:
+    """argparse type: the name of one of :data:`PAPER_SETS`."""
+    if text not in PAPER_SETS:
+        raise argparse.ArgumentTypeError(f"no set {text!r}; the sets are {', '.join(PAPER_SETS)} (name single runs "
+                                         "with --runs)")
+    return text
+
+
+def run_names(text: str) -> list[tuple[str, int | None]]:
+    """``--runs``: comma-separated model names, each optionally with ``@seed``."""
+    runs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, seed = item.partition("@")
+        if name not in CIFAR_MODEL_NAMES:
+            raise argparse.ArgumentTypeError(f"unknown run {name!r}; valid names: {', '.join(CIFAR_MODEL_NAMES)}")
+        if seed and not seed.lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r}: the seed after @ must be a whole number, as in resnet110@1")
+        runs.append((name, int(seed) if seed else None))
+    if not runs:
+        raise argparse.ArgumentTypeError("expected at least one model name, e.g. resnet20,plain20")
+    return runs
+
+
+def runs_from_args(args) -> list[Run]:
+    """The runs of ``annotated-resnet reproduce``: the sets' and ``--runs``', each once, each
+    with the paper's recipe changed only where a flag asks for it."""
+    named = [(name, None) for key in args.sets for name in PAPER_SETS[key]] + args.runs
+    runs = {}
+    for name, seed in named:
+        recipe = paper_recipe(name, split=args.split)
+        recipe = recipe.scaled(iterations=args.iterations, batch_size=args.batch_size)
+        folder = name if seed is None else f"{name}-seed{seed}"
+        runs[folder] = Run(folder, recipe, args.seed if seed is None else seed, args.base_width)
+    if not runs:
+        raise ValueError("name the runs: one or more sets (fig6, table6) and/or --runs resnet20,...")
+    return list(runs.values())
+
+
+def run_reproduce(args, argv: list[str]) -> int:
+    """``annotated-resnet reproduce``: the runs side by side; 0 when all have finished, 3 when
+    some are left to resume, 1 when one failed."""
+    runs = runs_from_args(args)
+    options = {"device": args.device, "precision": args.precision, "compile": args.compile,
+               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}
+    statuses = run_job(runs, Path(args.out), args.data, args.budget_minutes, shlex.join(["annotated-resnet", *argv]),
+                       args.timing_seconds, **options)
+    for name, status in statuses.items():
+        print(f"{name}: {status}")
+    if any(status.startswith("failed") for status in statuses.values()):
+        return 1
+    return 0 if all(status == "finished" for status in statuses.values()) else 3
 
 
 def positive_int(text: str) -> int:
@@ -159,8 +265,11 @@ def run_evaluate(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "reproduce":
+            return run_reproduce(args, argv)
         return run_train(args) if args.command == "train" else run_evaluate(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

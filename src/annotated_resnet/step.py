@@ -15,12 +15,17 @@ never waits for the GPU to learn whether a step was skipped.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+#: One CUDA-graph capture at a time in this process: ``torch.cuda.graph`` synchronizes the
+#: device and empties the allocator's cache on entry, which must not happen while another
+#: run's thread (:mod:`annotated_resnet.engine`) is capturing.
+_CAPTURE_LOCK = threading.Lock()
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
@@ -64,6 +69,13 @@ def describe_precision(device: torch.device, precisions: str) -> str:
     words = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with gradient scaling"}
     described = ", then ".join(words[p] for p in precisions.split(", then "))
     return described if device.type == "cpu" else f"{described}; channels_last, CUDA-graphed step"
+
+
+def precision_history(before: str | None, now: str) -> str:
+    """The precisions of a resumed run: ``"bf16"``, or ``"bf16, then fp16"`` if it moved."""
+    if before is None or before.rsplit(", then ", 1)[-1] == now:
+        return before or now
+    return f"{before}, then {now}"
 
 
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
@@ -180,9 +192,11 @@ class TrainingStep:
         self.images, self.labels = torch.empty_like(images), torch.empty_like(labels)
         self.optimizer.zero_grad(set_to_none=True)  # the graph owns the gradients it computes
         self.captured = torch.cuda.CUDAGraph()
-        # its own capture stream, and errors only for unsafe calls of this thread: other runs
-        # of the engine go on launching work from their threads during the capture
-        with torch.cuda.graph(self.captured, stream=self.side_stream, capture_error_mode="thread_local"):
+        # its own capture stream (not torch's one default for all graphs), and errors only for
+        # unsafe calls of this thread: other runs of the engine go on launching work on their
+        # own streams from their own threads during the capture
+        with _CAPTURE_LOCK, torch.cuda.graph(self.captured, stream=self.side_stream,
+                                             capture_error_mode="thread_local"):
             self.pred, self.loss = self._forward_backward(self.images, self.labels)
 
 

@@ -6,12 +6,13 @@ The recipe's numbers are in :mod:`annotated_resnet.recipe`, the batches built on
 and the test error in :mod:`annotated_resnet.evaluation`. This module puts them together.
 
 What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
-metrics, the progress bar, callbacks); its ``ChannelsLast`` and ``MixedPrecision`` callbacks
-speed up a GPU. Three callbacks add what the paper's recipe, a long run and a fast GPU need:
+metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU, and
+:class:`ValidationAutocast` runs the validation pass in the run's precision. Three callbacks add what the paper's recipe, a long run and a fast GPU need:
 :class:`PaperSchedule` (the iteration-based learning rate and the warm-up), :class:`StepCallback`
 (each training step as one :class:`~annotated_resnet.step.TrainingStep`, replayed as a CUDA
 graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with
-every random state, exact resume, clean stop on SIGTERM/Ctrl-C, stop on a non-finite loss).
+every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
+(:mod:`annotated_resnet.stopping`), stop on a non-finite loss).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
 host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps, when the progress
@@ -24,11 +25,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -50,10 +49,11 @@ from .checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
     LOG_NAME,
+    RunState,
     atomic_save,
     check_same_run,
+    checkpoint_to_resume,
     describe_model,
-    load_checkpoint,
     write_log,
 )
 from .data import CIFAR10
@@ -61,7 +61,8 @@ from .evaluation import evaluate
 from .model import create_model
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
-from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler
+from .stopping import StopRequest, stop_on_signals
+from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, precision_history
 
 #: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
 #: checkpoint); reading it every step would make the host wait for the GPU at every step.
@@ -162,22 +163,6 @@ class PaperSchedule(Callback):
             self.run.warmed_up = True
 
 
-@dataclass
-class RunState:
-    """Where a run stands: everything besides the model, optimizer and loader states that a
-    checkpoint stores."""
-
-    iteration: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    warmed_up: bool = True
-    smoothed_error: float = 1.0
-    seconds: float = 0.0
-    loss_sum: float = 0.0
-    error_sum: float = 0.0
-    history: list = field(default_factory=list)
-
-
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
@@ -198,7 +183,7 @@ class RunRecorder(Callback):
     def __init__(self, run: RunState, trainer: _Trainer):
         self.run, self.trainer = run, trainer
         self.check_every = 1 if trainer.device.type == "cpu" else CHECK_EVERY
-        self.stop_signal: int | None = None  # set by the SIGTERM / Ctrl-C handler
+        self.stop = trainer.stop
         self.stopped: str | None = None
         self.failure: str | None = None
 
@@ -219,11 +204,11 @@ class RunRecorder(Callback):
         self.run.batches_in_epoch += 1
         if self.run.iteration - self.checked_iteration >= self.check_every:
             self.check_finite()
-        if self.stop_signal is not None and self.run.iteration < self.trainer.recipe.iterations:
+        if self.stop.requested and self.run.iteration < self.trainer.recipe.iterations:
             # (on the run's last batch the epoch's end comes next and saves the finished run)
             self.check_finite()
             self.trainer.save(self.run_state_now())
-            self.stopped = f"{signal.Signals(self.stop_signal).name} at iteration {self.run.iteration}"
+            self.stopped = f"{self.stop.reason} at iteration {self.run.iteration}"
             raise CancelFitException()
 
     def check_finite(self):
@@ -288,6 +273,7 @@ class TrainResult:
     out: Path | None = None
     stopped: str | None = None
 
+
 class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
@@ -330,35 +316,11 @@ class _Trainer:
         self.saved_iteration = run.iteration
 
 
-
-def _precisions(before: str | None, now: str) -> str:
-    """The precisions of a resumed run: ``"bf16"``, or ``"bf16, then fp16"`` if it moved."""
-    if before is None or before.rsplit(", then ", 1)[-1] == now:
-        return before or now
-    return f"{before}, then {now}"
-
-
-def _signal_handlers(recorder: RunRecorder):
-    """Route SIGTERM and Ctrl-C (SIGINT) to a stop request at the end of the current batch.
-    A second Ctrl-C interrupts at once (the last checkpoint stays). Returns a function that
-    restores the previous handlers (only the main thread can have any)."""
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-
-    def request_stop(signum, frame):
-        if recorder.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a new checkpoint
-        recorder.stop_signal = signum
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    return lambda: [signal.signal(s, handler) for s, handler in previous.items()]
-
-
 def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class: int | None = None,
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
           compile: bool = False, cuda_graph: bool = True, precision: str = "auto",
-          cbs: list | None = None) -> TrainResult:
+          stop: StopRequest | None = None, cbs: list | None = None) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
@@ -371,22 +333,17 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     it eagerly), and ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
     GPUs with bf16 tensor cores, fp16 with gradient scaling on other CUDA GPUs, fp32 on the CPU:
     :func:`~annotated_resnet.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
+    SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
+    checkpoint at the current batch.
     """
     device = choose_device(device)
     precision = choose_precision(device, precision)
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
-    checkpoint = None
-    if out is not None and (Path(out) / CHECKPOINT_NAME).exists():
-        if not resume:
-            raise FileExistsError(f"{str(out)!r} already holds a run; resume it (--resume / resume=True) "
-                                  "or choose another output folder")
-        checkpoint = load_checkpoint(out)
-    elif resume:
-        raise FileNotFoundError(f"nothing to resume: no {CHECKPOINT_NAME} in {str(out)!r}; "
-                                "drop --resume (resume=False) to start a new run there")
+    checkpoint = checkpoint_to_resume(out, resume)
     data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device)
     trainer = _Trainer(model, data, recipe, seed, device, precision, out)
+    trainer.stop = stop or StopRequest()
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
@@ -396,7 +353,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         trainer.train_batches.load_state(checkpoint["loader"])
         torch.set_rng_state(checkpoint["torch_rng"])
         trainer.saved_iteration = run.iteration
-        trainer.precisions = _precisions(checkpoint.get("precision"), precision)
+        trainer.precisions = precision_history(checkpoint.get("precision"), precision)
         if trainer.scaler and checkpoint.get("scaler_state"):
             trainer.scaler.load_state_dict(checkpoint["scaler_state"])
     trainer.train_batches.remaining = recipe.iterations - run.iteration
@@ -425,13 +382,11 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
 
     batches_left = recipe.iterations - run.iteration + trainer.train_batches.skip
     epochs = math.ceil(batches_left / trainer.train_batches.batches_per_epoch)
-    restore = _signal_handlers(recorder)
     try:
-        if epochs > 0:
-            learn.fit(epochs)
+        with stop_on_signals(trainer.stop):
+            if epochs > 0:
+                learn.fit(epochs)
     except NonFiniteLossError:
         raise NonFiniteLossError(recorder.failure) from None  # without fastai's wrapping of the message
-    finally:
-        restore()
     model.eval()
     return TrainResult(model, run.history, recipe, trainer.mean, trainer.out, recorder.stopped)
