@@ -182,18 +182,17 @@ class SetScaleAtIteration(Callback):
     """Moves fp16's loss scale as an overflow would, so that the scale is part of what a resume restores."""
 
     def after_batch(self):
-        if self.training and self.learn.run_recorder.run.iteration == 5:
+        if self.training and self.learn.run_recorder.run.iteration == 3:
             self.learn.run_recorder.trainer.scaler.update(512.0)
 
 
 def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tiny_cifar, tmp_path):
-    recipe = tiny_recipe(iterations=24)
-    whole = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "whole", precision="fp16",
-                  cbs=[SetScaleAtIteration()])
-    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", precision="fp16",
-          cbs=[SetScaleAtIteration(), StopAfterEpoch()])
-    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "parts", precision="fp16",
-                    resume=True)
+    recipe = tiny_recipe(iterations=10)
+    fp16 = {"progress": False, "precision": "fp16", "train_per_class": 8}  # 5 iterations an epoch
+    whole = train(tiny_model(), tiny_cifar, recipe, out=tmp_path / "whole", cbs=[SetScaleAtIteration()], **fp16)
+    train(tiny_model(), tiny_cifar, recipe, out=tmp_path / "parts", cbs=[SetScaleAtIteration(), StopAfterEpoch()],
+          **fp16)
+    resumed = train(tiny_model(), tiny_cifar, recipe, out=tmp_path / "parts", resume=True, **fp16)
     for name, tensor in whole.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
     ends = [load_checkpoint(tmp_path / folder) for folder in ("whole", "parts")]
@@ -203,9 +202,10 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tiny_cifar, tmp_path):
 
 
 def test_a_run_resumed_in_another_precision_says_so(tiny_cifar, tmp_path):
-    recipe = tiny_recipe(iterations=24)
-    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
-    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, precision="bf16", resume=True)
+    recipe = tiny_recipe(iterations=10)
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, train_per_class=8, cbs=[StopAfterEpoch()])
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, train_per_class=8, precision="bf16",
+          resume=True)
     assert load_checkpoint(tmp_path)["precision"] == "fp32, then bf16"
 
 
