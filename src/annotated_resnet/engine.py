@@ -85,9 +85,10 @@ class RunThread(threading.Thread):
     """Trains one run with :func:`~annotated_resnet.train.train` on its own CUDA stream;
     :attr:`status` says how it ended."""
 
-    def __init__(self, run: Run, model, cifar: CIFAR10, folder: Path, stop: StopRequest, options: dict):
+    def __init__(self, run: Run, model, cifar: CIFAR10, folder: Path, stop: StopRequest, options: dict, cbs: list):
         super().__init__(name=run.name, daemon=True)
-        self.run_, self.model, self.cifar, self.folder, self.stop, self.options = run, model, cifar, folder, stop, options
+        self.run_, self.model, self.cifar, self.folder, self.stop = run, model, cifar, folder, stop
+        self.options, self.cbs = options, [_Counter(self), *cbs]
         self.iteration = iterations_done(folder, run.recipe)
         self.status = "not started"
 
@@ -98,7 +99,7 @@ class RunThread(threading.Thread):
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 result = train(self.model, self.cifar, self.run_.recipe, seed=self.run_.seed, progress=False,
                                out=self.folder, resume=(self.folder / CHECKPOINT_NAME).exists(), stop=self.stop,
-                               **{**self.options, "cbs": [_Counter(self), *self.options.get("cbs", [])]})
+                               cbs=self.cbs, **self.options)
             self.status = "finished" if result.stopped is None else (
                 f"stopped ({result.stopped}); run the same command again to continue")
         except NonFiniteLossError as error:
@@ -131,15 +132,16 @@ def train_runs(runs: list[Run], cifar: CIFAR10, out: str | Path, *, budget_secon
         raise ValueError(f"run names must differ, each run has its own folder; got {', '.join(names)}")
     models = {run.name: run.build() for run in runs}  # in this thread, one seed after another
     costs = {run.name: count_multiply_adds(models[run.name], 32) * run.recipe.batch_size for run in runs}
-    threads = [RunThread(run, models[run.name], cifar, out / run.name, stop,
-                         {**options, "cbs": list((cbs or {}).get(run.name, []))}) for run in runs]
+    threads = [RunThread(run, models[run.name], cifar, out / run.name, stop, options, (cbs or {}).get(run.name, []))
+               for run in runs]
     for thread in threads:
         if thread.iteration >= thread.run_.recipe.iterations:
             thread.status = "finished"
             report(f"{thread.name}: already finished")
-        else:
-            report(f"{thread.name}: {'resuming at iteration ' + format(thread.iteration, ',') if thread.iteration else 'starting'}")
-            thread.start()
+            continue
+        report(f"{thread.name}: resuming at iteration {thread.iteration:,}" if thread.iteration else
+               f"{thread.name}: starting")
+        thread.start()
     timing = _Timing([t for t in threads if t.is_alive()], costs, timing_seconds, report)
     with stop_on_signals(stop):
         while any(t.is_alive() for t in threads):
