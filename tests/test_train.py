@@ -21,7 +21,8 @@ from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_te
 from annotated_resnet.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.recipe import Recipe, paper_recipe, sgd
-from annotated_resnet.train import DeviceSmoothLoss, NonFiniteLossError, StepCallback, train
+from annotated_resnet.progress import DeviceSmoothLoss
+from annotated_resnet.train import NonFiniteLossError, StepCallback, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -37,9 +37,8 @@ import torch
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback, CancelBatchException, CancelFitException
-from fastai.callback.progress import ProgressCallback
 from fastai.data.core import DataLoaders
-from fastai.learner import AvgSmoothLoss, Learner
+from fastai.learner import Learner
 from fastai.metrics import error_rate
 from fastai.optimizer import OptimWrapper
 from torch import nn
@@ -59,6 +58,7 @@ from .checkpoints import (
 from .data import CIFAR10
 from .evaluation import evaluate
 from .model import create_model
+from .progress import DeviceSmoothLoss, LazyProgress
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
@@ -112,32 +112,6 @@ class ValidationAutocast(Callback):
 
     def after_validate(self):
         self.context.__exit__(None, None, None)
-
-
-class DeviceSmoothLoss(AvgSmoothLoss):
-    """fastai's smoothed training loss, kept on the training device (fastai's own copies
-    the loss to the CPU after every batch, which makes the host wait for the GPU)."""
-
-    def accumulate(self, learn):
-        self.count += 1
-        loss = learn.loss.detach().float().mean()
-        self.val = torch.lerp(loss, self.val.to(loss.device), self.beta)
-
-
-class LazyProgress(ProgressCallback):
-    """fastai's progress bar, with the smoothed loss read from the device at most once a
-    second instead of after every batch."""
-
-    def before_train(self):
-        super().before_train()
-        self.loss_read_at = 0.0
-
-    def after_batch(self):
-        self.pbar.update(self.iter + 1)
-        now = time.monotonic()
-        if self.training and hasattr(self.learn, "smooth_loss") and now - self.loss_read_at > 1:
-            self.pbar.comment = f"{self.smooth_loss.item():.4f}"
-            self.loss_read_at = now
 
 
 class PaperSchedule(Callback):
