@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from annotated_resnet import count_parameters, create_model
-from annotated_resnet.data import pixel_mean, train_val_split
+from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.probes import (
     ILSVRC_ENTRIES,
     deepen_with_identity_layers,
@@ -26,6 +26,7 @@ from annotated_resnet.probes import (
     plot_gradient_norms,
     plot_revolution_of_depth,
     probe_batch,
+    reestimate_batchnorm_,
     signal_stds,
     spread,
     weighted_layers,
@@ -156,6 +157,35 @@ def test_load_trained_takes_the_longest_run_and_the_images_it_trained_on(tmp_pat
     assert not any((val == trained.train_images).all(axis=(1, 2, 3)).any() for val in val_images)
     assert torch.allclose(trained.mean, pixel_mean(train_images))
     assert trained.describe().startswith("300 iterations of batch 128 (0.5% of the paper's 64,000) on 80")
+
+
+def test_load_trained_reestimates_batchnorm_statistics_stored_as_infinity(tmp_path):
+    """A running variance above fp16's 65,504 is stored as inf; eval mode then silences that
+    channel. load_trained re-estimates BN's statistics from the run's training images."""
+    cifar = FakeCifar(per_class=10)
+    data = {"train_images": 100, "validation_images": 0, "train_per_class": None, "data_seed": 0}
+    model = create_model("plain20")
+    model.layer1[0].bn1.running_var[3] = 1e6
+    write_run(tmp_path / "plain20", "plain20", model, data)
+    trained = load_trained("plain20", cifar, folder=tmp_path, reestimate_images=20)
+    assert trained.batchnorm_reestimated == 20
+    assert all(torch.isfinite(b).all() for b in trained.model.buffers())
+    assert torch.equal(trained.model.layer1[0].conv1.weight, model.layer1[0].conv1.weight.half().float())
+    clean = tmp_path / "clean"
+    write_run(clean / "plain20", "plain20", create_model("plain20"), data)
+    assert load_trained("plain20", cifar, folder=clean).batchnorm_reestimated == 0
+
+
+def test_reestimated_batchnorm_statistics_are_the_average_over_the_images():
+    torch.manual_seed(0)
+    model = create_model("plain20")
+    images = FakeCifar(per_class=4).train_images
+    mean = pixel_mean(images)
+    reestimate_batchnorm_(model, images, mean, batch_size=40)
+    first = normalize(to_tensor(images), mean)
+    stem = model.conv1(first)
+    assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert model.bn1.momentum == 0.1 and not model.training
 
 
 def test_load_trained_refuses_another_copy_of_the_data(tmp_path):

@@ -233,7 +233,9 @@ def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, ti
 class TrainedNet(NamedTuple):
     """A shipped reference run, ready to probe: the trained ``model`` (eval mode), the per-pixel
     ``mean`` it was trained with, the ``train_images`` and ``train_labels`` it trained on, its
-    per-epoch ``history`` and its ``provenance`` (hardware, data, recipe)."""
+    per-epoch ``history`` and its ``provenance`` (hardware, data, recipe).
+    ``batchnorm_reestimated``: how many training images BN's running statistics were
+    re-estimated from, because the file held infinite ones (0: used as shipped)."""
 
     model: ResNet
     mean: torch.Tensor
@@ -241,6 +243,7 @@ class TrainedNet(NamedTuple):
     train_labels: np.ndarray
     history: list[dict]
     provenance: dict
+    batchnorm_reestimated: int = 0
 
     @property
     def iterations(self) -> int:
@@ -255,11 +258,34 @@ class TrainedNet(NamedTuple):
                 f"{self.provenance['device']}")
 
 
-def load_trained(name: str, cifar, folder=None) -> TrainedNet:
+@torch.no_grad()
+def reestimate_batchnorm_(model: nn.Module, images: np.ndarray, mean: torch.Tensor, batch_size: int = 500) -> nn.Module:
+    """Recompute every BN layer's running mean and variance, in place, as the plain average
+    over ``images`` (uint8, unaugmented) of the batch statistics. The learned weights are
+    untouched; the running statistics are estimates that eval mode uses, not learned."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in batchnorms]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None                  # None: a cumulative average instead of a moving one
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(normalize(to_tensor(images[start:start + batch_size]), mean))
+    for bn, momentum in zip(batchnorms, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def load_trained(name: str, cifar, folder=None, reestimate_images: int = 1000) -> TrainedNet:
     """The shipped run of CIFAR-10 net ``name`` (``"plain20"``, ``"resnet56"``, ...) trained for
     the most iterations (:func:`annotated_resnet.gpu_job.longest_reference_run`, so longer runs
     shipped later are picked up), rebuilt with its weights, and the training images it saw:
-    the run's train/validation split and subset, recomputed from its provenance."""
+    the run's train/validation split and subset, recomputed from its provenance.
+
+    The shipped weights are stored in 16-bit floats, whose largest value is 65,504; a BN
+    running variance above that is stored as infinity, which silences its channel in eval
+    mode. Where that happened, BN's running statistics are re-estimated from
+    ``reestimate_images`` of the run's training images (:func:`reestimate_batchnorm_`)."""
     from .gpu_job import load_reference_run, longest_reference_run
     history, provenance, state_dict = load_reference_run(longest_reference_run(name, folder))
     model = cifar_resnet(**provenance["model"])
@@ -273,7 +299,12 @@ def load_trained(name: str, cifar, folder=None) -> TrainedNet:
     if len(labels) != data["train_images"]:
         raise ValueError(f"{name}: the run trained on {data['train_images']:,} images, but this copy of "
                          f"CIFAR-10 gives {len(labels):,} for its split; load the CIFAR-10 it was trained on")
-    return TrainedNet(model.eval(), pixel_mean(images), images, labels, history, provenance)
+    mean, reestimated = pixel_mean(images), 0
+    if not all(torch.isfinite(b).all() for b in model.buffers()):
+        reestimated = reestimate_images
+        sample, _ = balanced_subset(images, labels, reestimate_images // 10, data["data_seed"])
+        reestimate_batchnorm_(model, sample, mean)
+    return TrainedNet(model.eval(), mean, images, labels, history, provenance, reestimated)
 
 
 # --- 4. The constructed solution (Sec. 1) ---
