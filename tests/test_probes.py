@@ -21,6 +21,7 @@ from annotated_resnet.probes import (
     identity_block,
     ilsvrc_winners,
     load_trained,
+    longest_common_length,
     naive_init_,
     plot_error_curves,
     plot_gradient_norms,
@@ -122,10 +123,11 @@ class FakeCifar:
 
 def test_probe_batch_is_the_same_every_time_and_mean_subtracted():
     cifar = FakeCifar(per_class=5)
+    cifar.train_labels = np.sort(cifar.train_labels)             # stored class by class, as image folders are
     (a, labels_a), (b, labels_b) = probe_batch(cifar, size=12), probe_batch(cifar, size=12)
     assert a.shape == (12, 3, 32, 32) and labels_a.shape == (12,)
     assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
-    assert len(set(labels_a.tolist())) >= 6                      # drawn from every class, not one
+    assert sorted(labels_a.tolist()) == sorted(list(range(10)) + [0, 1])   # every class, in turn
     assert abs(a.mean().item()) < 0.05 and a.min() < 0 < a.max()
 
 
@@ -136,8 +138,9 @@ def write_run(folder, name, model, data, iterations=30):
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
                folder / "weights-fp16.pt")
     depth = len(weighted_layers(model))
+    shortcut = "none" if name.startswith("plain") else "A"
     provenance = {"run": name, "status": "finished", "iterations_done": iterations, "device": "CPU", "data": data,
-                  "model": {"depth": depth, "shortcut": "none", "base_width": 16},
+                  "model": {"depth": depth, "shortcut": shortcut, "base_width": 16},
                   "recipe": {"batch_size": 128, "paper_iterations": 64000}}
     (folder / "provenance.json").write_text(json.dumps(provenance))
 
@@ -186,6 +189,20 @@ def test_reestimated_batchnorm_statistics_are_the_average_over_the_images():
     stem = model.conv1(first)
     assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
     assert model.bn1.momentum == 0.1 and not model.training
+
+
+def test_longest_common_length_compares_nets_trained_equally_long(tmp_path):
+    data = {"train_images": 100, "validation_images": 0, "train_per_class": None, "data_seed": 0}
+    for name, lengths in (("plain20", (30, 300)), ("plain56", (30, 300, 3000))):
+        for n in lengths:
+            write_run(tmp_path / f"{name}-{n}" / name, name, create_model(name), data, iterations=n)
+    assert longest_common_length(["plain20", "plain56"], folder=tmp_path) == 300
+    assert load_trained("plain56", FakeCifar(per_class=10), folder=tmp_path).iterations == 3000
+    assert load_trained("plain56", FakeCifar(per_class=10), iterations=300, folder=tmp_path).iterations == 300
+    with pytest.raises(FileNotFoundError, match="shipped lengths: 30, 300"):
+        load_trained("plain20", FakeCifar(per_class=10), iterations=3000, folder=tmp_path)
+    with pytest.raises(FileNotFoundError, match="no run length is shipped for all of plain20, resnet20"):
+        longest_common_length(["plain20", "resnet20"], folder=tmp_path)
 
 
 def test_load_trained_refuses_another_copy_of_the_data(tmp_path):

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
@@ -48,7 +50,7 @@ ILSVRC_ENTRIES = (
     IlsvrcEntry(2011, "XRCE", 25.8, None, 1),
     IlsvrcEntry(2012, "AlexNet", 15.3, 8, 1, extra_data=True,
                 note="7 CNNs, 2 of them pre-trained on the larger ImageNet Fall 2011 release"),
-    IlsvrcEntry(2012, "AlexNet", 16.4, 8, 1, note="5 CNNs, competition data only: the same team's other entry"),
+    IlsvrcEntry(2012, "AlexNet", 16.4, 8, 1, note="5 CNNs, competition data only"),
     IlsvrcEntry(2013, "Clarifai", 11.7, 8, 1, note="published as the network of Zeiler & Fergus (ZFNet)"),
     IlsvrcEntry(2014, "VGG", 7.3, 19, 2),
     IlsvrcEntry(2014, "GoogLeNet", 6.7, 22, 1),
@@ -75,11 +77,14 @@ def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
     for e in deep:
         won = e in winners
         ax.plot(e.depth, e.top5_error, "o", ms=7, color="tab:blue", mfc="tab:blue" if won else "white")
-        label = f"{e.year} {e.team}{'' if won else ' (2nd place)' if e.place == 2 else ''}\n{e.top5_error}%"
+        label = f"{e.year} {e.team}{'' if e.place == 1 else f' ({e.place}nd place)'}: {e.top5_error}%"
         label += " (extra data)" if e.extra_data else " (no extra data)" if e.team == "AlexNet" else ""
-        above = e.top5_error >= max(x.top5_error for x in deep if x.depth == e.depth)
-        ax.annotate(label, (e.depth, e.top5_error), textcoords="offset points", fontsize=8,
-                    xytext=(7, 2) if above or e.depth != 8 else (7, -20))
+        # one-line labels; beside a close neighbour they move apart (up/down, or to the left)
+        close = [x for x in deep if x is not e and x.depth == e.depth and abs(x.top5_error - e.top5_error) < 3]
+        dy = 0 if not close else 6 if e.top5_error > close[0].top5_error else -6
+        crowded_right = any(1 < x.depth / e.depth < 1.3 for x in deep)
+        ax.annotate(label, (e.depth, e.top5_error), textcoords="offset points", fontsize=8, va="center",
+                    xytext=(-8, dy) if crowded_right else (8, dy), ha="right" if crowded_right else "left")
     for e in entries:
         if e.depth is None:
             ax.axhline(e.top5_error, color="0.6", ls="--", lw=1)
@@ -179,11 +184,16 @@ def signal_stds(model: ResNet, images: torch.Tensor) -> dict[str, float]:
 
 def probe_batch(cifar, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch every gradient probe of notebooks 2 and 3 uses, so that their numbers agree:
-    the first ``size`` images of a class-balanced random subset of the CIFAR-10 training set,
-    with the per-pixel mean of the training set subtracted (Sec. 4.2), and their labels."""
+    ``size`` CIFAR-10 training images drawn at random with ``seed``, the classes taking turns
+    (so 32 images hold 3 or 4 of every class), with the per-pixel mean of the training set
+    subtracted (Sec. 4.2), and their labels."""
     images, labels = balanced_subset(cifar.train_images, cifar.train_labels, per_class=-(-size // 10), seed=seed)
-    batch = normalize(to_tensor(images[:size]), pixel_mean(cifar.train_images))
-    return batch, torch.as_tensor(labels[:size])
+    turn = np.zeros(len(labels), dtype=int)         # 0 for each class's first image, 1 for its second, ...
+    for label in np.unique(labels):
+        turn[labels == label] = np.arange((labels == label).sum())
+    chosen = np.lexsort((labels, turn))[:size]      # by turn, then by class
+    batch = normalize(to_tensor(images[chosen]), pixel_mean(cifar.train_images))
+    return batch, torch.as_tensor(labels[chosen])
 
 
 def spread(values) -> float:
@@ -276,18 +286,52 @@ def reestimate_batchnorm_(model: nn.Module, images: np.ndarray, mean: torch.Tens
     return model.eval()
 
 
-def load_trained(name: str, cifar, folder=None, reestimate_images: int = 1000) -> TrainedNet:
+def reference_lengths(name: str, folder=None) -> dict[int, str]:
+    """The finished shipped runs of CIFAR-10 net ``name``, by length: {iterations: run folder}."""
+    from .gpu_job import LOG_NAME, PROVENANCE_NAME, REFERENCE_RUNS, WEIGHTS_NAME
+    root = Path(folder) if folder is not None else REFERENCE_RUNS
+    runs = {}
+    for path in sorted(root.rglob(PROVENANCE_NAME)):
+        provenance = json.loads(path.read_text())
+        if (provenance.get("run") == name and provenance.get("status") == "finished"
+                and all((path.parent / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME))):
+            runs.setdefault(provenance["iterations_done"], str(path.parent))
+    return runs
+
+
+def longest_common_length(names, folder=None) -> int:
+    """The longest schedule (in iterations) for which every net in ``names`` has a shipped run,
+    so that nets compared with one another were trained for equally long."""
+    lengths = [set(reference_lengths(name, folder)) for name in names]
+    common = set.intersection(*lengths) if lengths else set()
+    if not common:
+        raise FileNotFoundError(f"no run length is shipped for all of {', '.join(names)}; make the runs with "
+                                f"`python -m annotated_resnet.gpu_job --runs {','.join(names)} --out DIR`")
+    return max(common)
+
+
+def load_trained(name: str, cifar, iterations: int | None = None, folder=None,
+                 reestimate_images: int = 1000) -> TrainedNet:
     """The shipped run of CIFAR-10 net ``name`` (``"plain20"``, ``"resnet56"``, ...) trained for
-    the most iterations (:func:`annotated_resnet.gpu_job.longest_reference_run`, so longer runs
-    shipped later are picked up), rebuilt with its weights, and the training images it saw:
-    the run's train/validation split and subset, recomputed from its provenance.
+    ``iterations``, or for the most iterations if ``None``
+    (:func:`annotated_resnet.gpu_job.longest_reference_run`, so longer runs shipped later are
+    picked up), rebuilt with its weights, and the training images it saw: the run's
+    train/validation split and subset, recomputed from its provenance.
 
     The shipped weights are stored in 16-bit floats, whose largest value is 65,504; a BN
     running variance above that is stored as infinity, which silences its channel in eval
     mode. Where that happened, BN's running statistics are re-estimated from
     ``reestimate_images`` of the run's training images (:func:`reestimate_batchnorm_`)."""
     from .gpu_job import load_reference_run, longest_reference_run
-    history, provenance, state_dict = load_reference_run(longest_reference_run(name, folder))
+    if iterations is None:
+        run = longest_reference_run(name, folder)
+    else:
+        runs = reference_lengths(name, folder)
+        if iterations not in runs:
+            raise FileNotFoundError(f"no shipped run of {name!r} with {iterations:,} iterations; shipped lengths: "
+                                    f"{', '.join(f'{n:,}' for n in sorted(runs)) or 'none'}")
+        run = runs[iterations]
+    history, provenance, state_dict = load_reference_run(run)
     model = cifar_resnet(**provenance["model"])
     model.load_state_dict(state_dict)
     data = provenance["data"]
