@@ -17,8 +17,8 @@ def notebook_headings() -> dict[int, set[str]]:
     headings = {}
     for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
         cells = nbformat.read(path, as_version=4).cells
-        headings[int(path.name[:2])] = {line.lstrip("#").strip().strip('"') for cell in cells if cell.cell_type == "markdown"
-                                        for line in cell.source.splitlines() if line.startswith("#")}
+        lines = [line for cell in cells if cell.cell_type == "markdown" for line in cell.source.splitlines()]
+        headings[int(path.name[:2])] = {line.lstrip("#").strip().strip('"') for line in lines if line.startswith("#")}
     return headings
 
 

@@ -42,43 +42,48 @@ class IlsvrcEntry(NamedTuple):
     note: str = ""
 
 
-#: The ILSVRC classification winners 2010-2015, and two other entries the course discusses:
-#: VGG (2nd in 2014) and AlexNet's best entry without extra data. AlexNet's winning 15.3% is
-#: from its paper (Krizhevsky et al. 2012, Table 2); ResNet's 3.57% is the abstract's ensemble.
+#: The ILSVRC classification winners 2010-2015, with two entries each for 2012 and 2013: the
+#: winning team's best entry trained on the competition's data alone, and its best entry that
+#: also trained on a larger ImageNet release (AlexNet: Krizhevsky et al. 2012, Table 2;
+#: Clarifai: Szegedy et al. 2015, Table 2); and VGG, 2nd in 2014. ResNet's 3.57% is the
+#: abstract's ensemble.
 ILSVRC_ENTRIES = (
     IlsvrcEntry(2010, "NEC-UIUC", 28.2, None, 1),
     IlsvrcEntry(2011, "XRCE", 25.8, None, 1),
+    IlsvrcEntry(2012, "AlexNet", 16.4, 8, 1, note="5 CNNs"),
     IlsvrcEntry(2012, "AlexNet", 15.3, 8, 1, extra_data=True,
-                note="7 CNNs, 2 of them pre-trained on the larger ImageNet Fall 2011 release"),
-    IlsvrcEntry(2012, "AlexNet", 16.4, 8, 1, note="5 CNNs, competition data only"),
-    IlsvrcEntry(2013, "Clarifai", 11.7, 8, 1, note="published as the network of Zeiler & Fergus (ZFNet)"),
+                note="the winning entry: 7 CNNs, 2 of them pre-trained on the ImageNet Fall 2011 release"),
+    IlsvrcEntry(2013, "Clarifai", 11.7, 8, 1, note="published by Zeiler & Fergus, the network called ZFNet"),
+    IlsvrcEntry(2013, "Clarifai", 11.2, 8, 1, extra_data=True, note="with extra ImageNet training images"),
     IlsvrcEntry(2014, "VGG", 7.3, 19, 2),
     IlsvrcEntry(2014, "GoogLeNet", 6.7, 22, 1),
     IlsvrcEntry(2015, "ResNet", 3.57, 152, 1, note="an ensemble; its deepest nets have 152 layers"),
 )
 
 
-def ilsvrc_winners(entries=ILSVRC_ENTRIES) -> list[IlsvrcEntry]:
-    """The winning entry of each year: first place, the lowest error the winning team reached."""
+def ilsvrc_winners(entries=ILSVRC_ENTRIES, extra_data: bool = False) -> list[IlsvrcEntry]:
+    """Each year's winning team, by its best entry: among entries trained on the competition's
+    data alone (the default, so that every year compares like with like), or among all."""
     best = {}
     for entry in entries:
-        if entry.place == 1 and (entry.year not in best or entry.top5_error < best[entry.year].top5_error):
+        if entry.place == 1 and (extra_data or not entry.extra_data) and (
+                entry.year not in best or entry.top5_error < best[entry.year].top5_error):
             best[entry.year] = entry
     return [best[year] for year in sorted(best)]
 
 
 def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
-    """Top-5 error against depth (log scale): each year's winner as a filled dot, the other
-    entries as open circles; the shallow winners, which have no depth to plot, as dashed
-    horizontal lines at their error."""
+    """Top-5 error against depth (log scale): the winners on the competition's data alone as
+    filled dots, the same teams' entries with extra data as open squares, other places as open
+    circles; the shallow winners, which have no depth to plot, as dashed horizontal lines."""
     fig, ax = plt.subplots(figsize=(8, 3.8))
     winners = ilsvrc_winners(entries)
     deep = [e for e in entries if e.depth is not None]
     for e in deep:
-        won = e in winners
-        ax.plot(e.depth, e.top5_error, "o", ms=7, color="tab:blue", mfc="tab:blue" if won else "white")
+        marker = "s" if e.extra_data else "o"
+        ax.plot(e.depth, e.top5_error, marker, ms=7, color="tab:blue", mfc="tab:blue" if e in winners else "white")
         label = f"{e.year} {e.team}{'' if e.place == 1 else f' ({e.place}nd place)'}: {e.top5_error}%"
-        label += " (extra data)" if e.extra_data else " (no extra data)" if e.team == "AlexNet" else ""
+        label += " (extra data)" if e.extra_data else ""
         # one-line labels; beside a close neighbour they move apart (up/down, or to the left)
         close = [x for x in deep if x is not e and x.depth == e.depth and abs(x.top5_error - e.top5_error) < 3]
         dy = 0 if not close else 6 if e.top5_error > close[0].top5_error else -6
@@ -90,9 +95,10 @@ def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
             ax.axhline(e.top5_error, color="0.6", ls="--", lw=1)
             ax.annotate(f"{e.year} {e.team} (shallow): {e.top5_error}%", (min(x.depth for x in deep), e.top5_error),
                         textcoords="offset points", xytext=(0, 3), fontsize=8, color="0.4")
-    ax.plot([], [], "o", color="tab:blue", label="that year's winner")
-    ax.plot([], [], "o", color="tab:blue", mfc="white", label="another entry")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.plot([], [], "o", color="tab:blue", label="winner, competition data only")
+    ax.plot([], [], "s", color="tab:blue", mfc="white", label="same team, with extra data")
+    ax.plot([], [], "o", color="tab:blue", mfc="white", label="2nd place")
+    ax.legend(fontsize=8, loc="center right")
     ax.set_xscale("log")
     ax.set_xlim(min(e.depth for e in deep) * 0.7, max(e.depth for e in deep) * 2.5)
     ax.set_ylim(0, max(e.top5_error for e in entries) * 1.15)
@@ -116,9 +122,9 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 def _check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     if images.dim() != 4 or (labels is not None and images.shape[0] != labels.shape[0]):
+        expected = "images of shape (N, C, H, W)" + ("" if labels is None else " and N labels")
         got = f"{tuple(images.shape)}" + ("" if labels is None else f" and {tuple(labels.shape)}")
-        raise ValueError(f"expected images of shape (N, C, H, W)" + ("" if labels is None else " and N labels")
-                         + f", got {got}")
+        raise ValueError(f"expected {expected}, got {got}")
 
 
 class _TrainingModeProbe:
