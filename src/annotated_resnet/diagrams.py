@@ -6,7 +6,11 @@ Nothing here is drawn by hand. :func:`trace_block` runs ``torch.fx`` over a bloc
 addition of Eq. 1, the shortcut path (nothing for the identity, the modules of option A or of
 a projection W_s otherwise, Eq. 2) and what follows the addition. :func:`draw_block` draws
 that trace with matplotlib, each box labelled with the layer's own name and shape, so a
-diagram cannot disagree with the code that computes the block.
+diagram cannot disagree with the code that computes the block. For example::
+
+    draw_blocks({"plain block": BasicBlock(64, 64, shortcut="none"),
+                 "building block (Fig. 2)": BasicBlock(64, 64)})
+    draw_blocks({"64-d": BasicBlock(64, 64), "256-d": Bottleneck(256, 64)})      # Fig. 5
 """
 
 from __future__ import annotations
