@@ -229,13 +229,14 @@ def naive_init_(model: nn.Module, std: float = 0.01) -> nn.Module:
 
 
 def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, title: str = "",
-                        ylabel: str = "gradient norm at init"):
+                        ylabel: str = "gradient norm at init",
+                        xlabel: str = "layer (1 = first conv, last = classifier)"):
     """One line per network: gradient norm (log scale) against layer index, input side left."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
     for label, norms in norms_by_label.items():
         ax.semilogy(range(1, len(norms) + 1), list(norms.values()), marker=".", label=label)
-    ax.set_xlabel("layer (1 = first conv, last = classifier)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
