@@ -31,7 +31,10 @@ from torch import nn
 from annotated_resnet.data import CIFAR10, load_cifar10, pixel_mean
 from annotated_resnet.model import create_model
 from annotated_resnet.gpu_job import precision
-from annotated_resnet.train import DeviceBatches, TrainingStep, choose_device, paper_recipe, sgd, train
+from annotated_resnet.batches import DeviceBatches
+from annotated_resnet.recipe import paper_recipe, sgd
+from annotated_resnet.step import TrainingStep, choose_device
+from annotated_resnet.train import train
 
 from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.train quiets fastai's import
 
@@ -108,7 +111,7 @@ def ours_seconds(name, cifar, steps, warmup, batch_size, device, compile=False):
     """Seconds for ``steps`` training steps inside :func:`train` (one epoch, validation and
     test evaluation after it not timed)."""
     timer = TrainTimer(warmup, device)
-    recipe = paper_recipe(name).scaled(iterations=warmup + steps, batch_size=batch_size, validation=0)
+    recipe = paper_recipe(name).scaled(iterations=warmup + steps, batch_size=batch_size)
     train(name, cifar, recipe, test_per_class=10, progress=False, device=device, compile=compile, cbs=[timer])
     return timer.seconds
 

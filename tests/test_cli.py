@@ -12,7 +12,7 @@ import torch
 
 from annotated_resnet.cli import build_parser, main, recipe_from_args
 from annotated_resnet.data import SOURCE_VARIABLE
-from annotated_resnet.train import load_checkpoint
+from annotated_resnet.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +31,7 @@ def image_tree(make_image_tree):
 
 def tiny_run(image_tree, out, *extra):
     return ["train", "resnet20", "--data", str(image_tree), "--out", str(out), "--batch-size", "10",
-            "--no-split", "--base-width", "4", "--device", "cpu", "--no-progress", *extra]
+            "--base-width", "4", "--device", "cpu", "--no-progress", *extra]
 
 
 def test_help_shows_examples(capsys):
@@ -66,9 +66,10 @@ def test_iterations_stop_the_schedule_and_scale_to_shrinks_it():
     parser = build_parser()
     stopped = recipe_from_args(parser.parse_args(["train", "resnet56", "--iterations", "500"]))
     assert stopped.iterations == 500 and stopped.milestones == (32_000, 48_000)
-    shrunk = recipe_from_args(parser.parse_args(["train", "resnet56", "--scale-to", "1000", "--no-split",
+    shrunk = recipe_from_args(parser.parse_args(["train", "resnet56", "--scale-to", "1000", "--split",
                                                  "--batch-size", "64", "--lr", "0.05"]))
-    assert shrunk.milestones == (500, 750) and (shrunk.validation, shrunk.batch_size, shrunk.lr) == (0, 64, 0.05)
+    assert shrunk.milestones == (500, 750) and (shrunk.validation, shrunk.batch_size, shrunk.lr) == (5_000, 64, 0.05)
+    assert recipe_from_args(parser.parse_args(["train", "resnet56"])).validation == 0  # all 50k by default
     assert recipe_from_args(parser.parse_args(["train", "resnet110"])).warmup_lr == 0.01
 
 

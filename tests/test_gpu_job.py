@@ -25,7 +25,7 @@ def image_tree(make_image_tree):
 
 def job_args(image_tree, out):
     return ["--runs", "plain20,resnet20", "--budget-minutes", "3", "--out", str(out), "--data", str(image_tree),
-            "--iterations", "10", "--batch-size", "10", "--no-split", "--device", "cpu", "--base-width", "4"]
+            "--iterations", "10", "--batch-size", "10", "--device", "cpu", "--base-width", "4"]
 
 
 class StopAfterEpoch(Callback):
@@ -39,7 +39,7 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)  # the data cache goes to ./data
     out = tmp_path / "job"
     # a run stopped after its first epoch, as the budget would leave it
-    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10, validation=0)
+    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10)
     torch.manual_seed(0)
     partial = train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
                     out=out / "resnet20", cbs=[StopAfterEpoch()])
@@ -59,6 +59,7 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
         assert provenance["recipe"]["iterations"] == 10 and provenance["recipe"]["milestones"] == [5, 8]
         assert "CPU" in provenance["device"] and provenance["precision"] == "fp32"
         assert str(image_tree) in provenance["data"]["source"]
+        assert provenance["training_set"] == "50 training images, no validation split"
         assert provenance["command"].endswith("-m annotated_resnet.gpu_job " + " ".join(job_args(image_tree, out)))
         assert provenance["date"].startswith("20")
         assert state_dict["fc.weight"].dtype == torch.float16
@@ -90,7 +91,7 @@ def test_bad_options_are_explained(capsys, flags, message):
 def test_a_folder_of_another_recipe_is_refused(image_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "job"
-    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10, validation=0)
+    recipe = paper_recipe("resnet20").scaled(iterations=10, batch_size=10)
     torch.manual_seed(0)
     train(cifar_resnet(20, base_width=4), load_cifar10(image_tree), recipe, progress=False,
           out=out / "resnet20", cbs=[StopAfterEpoch()])

@@ -14,25 +14,14 @@ from fastai.learner import AvgSmoothLoss, Learner
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
+from annotated_resnet.batches import DeviceBatches
+from annotated_resnet.checkpoints import load_checkpoint, model_from_checkpoint
 from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor, train_val_split
+from annotated_resnet.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
-from annotated_resnet.train import (
-    DATA_SEED,
-    DeviceBatches,
-    DeviceSmoothLoss,
-    NonFiniteLossError,
-    Recipe,
-    StepCallback,
-    TrainingStep,
-    autocast,
-    autocast_dtype,
-    evaluate,
-    load_checkpoint,
-    model_from_checkpoint,
-    paper_recipe,
-    sgd,
-    train,
-)
+from annotated_resnet.recipe import Recipe, paper_recipe, sgd
+from annotated_resnet.step import TrainingStep, autocast, autocast_dtype
+from annotated_resnet.train import DATA_SEED, DeviceSmoothLoss, NonFiniteLossError, StepCallback, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +37,7 @@ def tiny_cifar():
 
 
 def tiny_recipe(**changes):
-    recipe = paper_recipe("resnet20").scaled(iterations=30, batch_size=16, validation=0)
+    recipe = paper_recipe("resnet20").scaled(iterations=30, batch_size=16)
     return Recipe(**{**recipe.__dict__, **changes})
 
 
@@ -60,7 +49,7 @@ def tiny_model():
 def test_paper_recipe_has_section_4_2_numbers():
     recipe = paper_recipe("resnet56")
     assert (recipe.iterations, recipe.batch_size, recipe.lr, recipe.milestones) == (64_000, 128, 0.1, (32_000, 48_000))
-    assert (recipe.momentum, recipe.weight_decay, recipe.validation, recipe.warmup_lr) == (0.9, 1e-4, 5000, None)
+    assert (recipe.momentum, recipe.weight_decay, recipe.validation, recipe.warmup_lr) == (0.9, 1e-4, 0, None)
     assert [recipe.lr_at(i) for i in (0, 31_999, 32_000, 47_999, 48_000, 63_999)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
     deep = paper_recipe("resnet110")
@@ -69,8 +58,16 @@ def test_paper_recipe_has_section_4_2_numbers():
         paper_recipe("resnet50")
 
 
+def test_the_paper_trains_on_all_50k_and_chose_the_schedule_on_a_45k_5k_split():
+    """Sec. 4.2: the reported models train on the whole training set; the 45k/5k split is an option."""
+    reported, chosen = paper_recipe("resnet20"), paper_recipe("resnet20", split=True)
+    assert reported.validation == 0 and "all training images (no validation split)" in reported.describe()
+    assert chosen.validation == 5_000 and "5,000 training images held out for validation" in chosen.describe()
+    assert chosen == paper_recipe("resnet20").scaled(validation=5_000)
+
+
 def test_scaled_recipe_keeps_the_milestones_in_proportion():
-    small = paper_recipe("resnet20").scaled(iterations=300, batch_size=32, validation=0)
+    small = paper_recipe("resnet20").scaled(iterations=300, batch_size=32)
     assert small.milestones == (150, 225) and small.batch_size == 32 and small.validation == 0
     assert small.paper_iterations == 64_000 and "0.00469x" in small.describe()
     assert "the paper's full schedule" in paper_recipe("resnet20").describe()
@@ -96,6 +93,7 @@ def test_training_logs_every_epoch_and_lowers_the_loss(tiny_cifar, tmp_path):
     assert set(lines[0]) == {"epoch", "iteration", "train_loss", "train_error", "val_error", "test_error", "lr", "seconds"}
     assert lines[-1]["train_loss"] < lines[0]["train_loss"]
     assert lines[0]["lr"] == 0.05 and lines[-1]["lr"] == pytest.approx(0.0005)
+    assert all(line["val_error"] is None for line in lines)  # no split: no validation column
     error = evaluate(result.model, tiny_cifar.test_images, tiny_cifar.test_labels, mean=result.mean)
     assert error == pytest.approx(lines[-1]["test_error"], abs=1e-6)
 

@@ -9,19 +9,13 @@ import sys
 
 import torch
 
+from .checkpoints import load_checkpoint, model_from_checkpoint
 from .data import load_cifar10
+from .evaluation import evaluate
 from .model import create_model
-from .train import (
-    CIFAR_MODEL_NAMES,
-    NonFiniteLossError,
-    Recipe,
-    choose_device,
-    evaluate,
-    load_checkpoint,
-    model_from_checkpoint,
-    paper_recipe,
-    train,
-)
+from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
+from .step import choose_device
+from .train import NonFiniteLossError, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after .train, which quiets fastai's import
 
@@ -29,7 +23,7 @@ EXAMPLES = """\
 examples:
   annotated-resnet train resnet56                       # the paper's full recipe (64k iterations)
   annotated-resnet train resnet110 --out runs/r110      # with Sec. 4.2's warm-up at lr 0.01
-  annotated-resnet train plain20 --scale-to 2000 --batch-size 64 --no-split
+  annotated-resnet train plain20 --scale-to 2000 --batch-size 64 --split
                                                         # the whole schedule shrunk to 2,000 iterations
   annotated-resnet train resnet20 --iterations 500      # the paper's schedule, stopped after 500
   annotated-resnet train resnet56 --out runs/resnet56 --resume
@@ -72,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="shrink the whole schedule to N iterations (milestones at N/2 and 3N/4)")
     train.add_argument("--batch-size", type=positive_int, metavar="B", help="mini-batch size (paper: 128)")
     train.add_argument("--lr", type=positive_float, metavar="LR", help="initial learning rate (paper: 0.1)")
-    train.add_argument("--no-split", action="store_true",
-                       help="train on all 50k images (paper: 45k train / 5k validation)")
+    train.add_argument("--split", action="store_true",
+                       help="hold out 5k of the 50k training images for validation (the paper's 45k/5k split, "
+                            "on which it chose the schedule); default: train on all 50k, as the paper's "
+                            "reported models were")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--seed", type=int, default=0, help="initialisation, order and augmentation seed (default 0)")
     train.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -111,12 +107,12 @@ def positive_float(text: str) -> float:
 
 def recipe_from_args(args) -> Recipe:
     """The paper's recipe for ``args.model``, changed only where a flag asks for it."""
-    recipe = paper_recipe(args.model)
+    recipe = paper_recipe(args.model, split=args.split)
     if args.scale_to:
         recipe = recipe.scaled(iterations=args.scale_to)
     elif args.iterations:
         recipe = dataclasses.replace(recipe, iterations=args.iterations)
-    return recipe.scaled(batch_size=args.batch_size, lr=args.lr, validation=0 if args.no_split else None)
+    return recipe.scaled(batch_size=args.batch_size, lr=args.lr)
 
 
 def run_train(args) -> int:

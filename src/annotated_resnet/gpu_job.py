@@ -17,7 +17,8 @@ The reference-run format (one folder per run; what :func:`load_reference_run` re
                             (``torch.load(..., weights_only=True)``; build the model with
                             ``cifar_resnet(**provenance["model"])``)
     <run>/provenance.json   where the numbers come from: GPU, torch version, data source,
-                            command, git commit, date, recipe (with its scaling), status
+                            training set (and split), command, git commit, date, recipe
+                            (with its scaling), precision, status
 
 The job also leaves ``checkpoint.pt`` (to resume) and ``train.out`` (the process's output) in
 each run folder; they are not part of the format.
@@ -42,17 +43,9 @@ import torch
 
 from .cli import positive_float, positive_int
 from .data import load_cifar10
-from .train import (
-    CHECKPOINT_NAME,
-    CIFAR_MODEL_NAMES,
-    LOG_NAME,
-    Recipe,
-    atomic_save,
-    autocast_dtype,
-    choose_device,
-    load_checkpoint,
-    paper_recipe,
-)
+from .checkpoints import CHECKPOINT_NAME, LOG_NAME, atomic_save, load_checkpoint
+from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
+from .step import autocast_dtype, choose_device
 
 WEIGHTS_NAME = "weights-fp16.pt"
 PROVENANCE_NAME = "provenance.json"
@@ -130,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="CIFAR-10 source (default: $ANNOTATED_RESNET_CIFAR10, else torchvision's download)")
     parser.add_argument("--iterations", type=positive_int, help="shrink each run's schedule to N iterations (default: the paper's 64k)")
     parser.add_argument("--batch-size", type=positive_int, help="mini-batch size (paper: 128)")
-    parser.add_argument("--no-split", action="store_true", help="train on all 50k images (paper: 45k/5k split)")
+    parser.add_argument("--split", action="store_true",
+                        help="hold out 5k training images for validation (the paper's 45k/5k split); "
+                             "default: train on all 50k, as the paper's reported models were")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cuda (default when there is one) or cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile each model")
@@ -154,10 +149,10 @@ def run_names(text: str) -> list[str]:
 
 def recipe_for(name: str, args):
     """Each run's recipe: the paper's, shrunk to ``--iterations`` and changed by the flags."""
-    recipe = paper_recipe(name)
+    recipe = paper_recipe(name, split=args.split)
     if args.iterations is not None:
         recipe = recipe.scaled(iterations=args.iterations)
-    return recipe.scaled(batch_size=args.batch_size, validation=0 if args.no_split else None)
+    return recipe.scaled(batch_size=args.batch_size)
 
 
 def train_command(name: str, folder: Path, args, resume: bool) -> list[str]:
@@ -170,7 +165,7 @@ def train_command(name: str, folder: Path, args, resume: bool) -> list[str]:
     for flag, value in options.items():
         if value is not None:
             command += [flag, str(value)]
-    flags = {"--no-split": args.no_split, "--compile": args.compile, "--resume": resume}
+    flags = {"--split": args.split, "--compile": args.compile, "--resume": resume}
     return command + [flag for flag, on in flags.items() if on]
 
 
@@ -250,6 +245,7 @@ def write_results(folder: Path, name: str, args, source: str, wall_seconds: floa
         "final_test_error": history[-1]["test_error"] if history else None,
         "device": device_name(args.device), "precision": precision(args.device), "torch": torch.__version__,
         "data": {**checkpoint["data"], "source": source},
+        "training_set": training_set(checkpoint["data"]),
         "command": shlex.join([sys.executable, "-m", "annotated_resnet.gpu_job", *args.argv]),
         "git_commit": git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {**dataclasses.asdict(recipe), "description": recipe.describe()},
@@ -260,6 +256,13 @@ def write_results(folder: Path, name: str, args, source: str, wall_seconds: floa
     tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     os.replace(tmp, folder / PROVENANCE_NAME)
     return status
+
+
+def training_set(data: dict) -> str:
+    """Which images a run trained on, in words (the provenance's ``training_set``)."""
+    held_out = data["validation_images"]
+    split = f"{held_out:,} held out for validation" if held_out else "no validation split"
+    return f"{data['train_images']:,} training images, {split}"
 
 
 def device_name(device: str | None) -> str:

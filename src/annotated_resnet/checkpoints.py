@@ -1,0 +1,83 @@
+"""Checkpoints and logs of a training run: written atomically, read back with
+``weights_only=True``, and checked to belong to the run that resumes them."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .model import ResNet, cifar_resnet
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1  # the layout of the dict that checkpoint.pt holds
+LOG_NAME = "log.jsonl"
+
+
+def describe_model(model: ResNet) -> dict:
+    """The arguments of :func:`cifar_resnet` that rebuild ``model`` (for checkpoints)."""
+    if not isinstance(model, ResNet) or model.stem != "cifar":
+        raise ValueError("training here is for the CIFAR-10 networks of Sec. 4.2 (cifar_resnet / resnet20 ...); "
+                         f"got {type(model).__name__}")
+    return {"depth": 6 * len(model.layer1) + 2, "shortcut": model.shortcut, "base_width": model.conv1.out_channels}
+
+
+def atomic_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        torch.save(obj, tmp)
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, path)
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """The history as JSON lines, one epoch a line, rewritten whole and atomically right after
+    each checkpoint (a reader never sees a half-written log)."""
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        tmp.writelines(json.dumps(record) + "\n" for record in history)
+    os.chmod(tmp.name, 0o644)
+    os.replace(tmp.name, path)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A checkpoint written by :func:`annotated_resnet.train.train`, loaded with ``weights_only=True``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {str(path)!r}; `annotated-resnet train` writes "
+                                f"<out>/{CHECKPOINT_NAME}")
+    expected = f"expected a {CHECKPOINT_NAME} written by `annotated-resnet train` (or train(..., out=...))"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated file, another format, or a pickle with arbitrary objects
+        raise ValueError(f"{str(path)!r} cannot be read as a checkpoint ({type(error).__name__}); {expected}") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a checkpoint of this package (format {CHECKPOINT_FORMAT}); "
+                         f"{expected}. A bare state_dict loads with model.load_state_dict(torch.load(path, weights_only=True)).")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict) -> nn.Module:
+    """The CIFAR-10 net a checkpoint describes, with the checkpoint's weights."""
+    model = cifar_resnet(**checkpoint["model"])
+    model.load_state_dict(checkpoint["model_state"])
+    return model
+
+
+def check_same_run(checkpoint: dict, now: dict, out) -> None:
+    """A resumed run must continue the run it resumes: ``now`` (the resuming run's model,
+    recipe, seed and data, as a checkpoint holds them) must match the checkpoint's. The data's
+    path may change; what was taken from it may not."""
+    now = {**now, "data": {k: v for k, v in now["data"].items() if k != "source"}}
+    saved = {**{k: checkpoint[k] for k in ("model", "recipe", "seed")},
+             "data": {k: v for k, v in checkpoint["data"].items() if k != "source"}}
+    changed = [f"{key}: {saved[key]} then, {now[key]} now" for key in now if saved[key] != now[key]]
+    if changed:
+        raise ValueError(f"the checkpoint in {str(out)!r} is another run ({'; '.join(changed)}); resume with "
+                         "the settings it was started with, or choose another output folder")
