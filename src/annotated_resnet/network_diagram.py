@@ -193,25 +193,25 @@ def _shortcut_path(x: float, start_y: float, end_y: float) -> Path:
                 [Path.MOVETO, Path.LINETO, Path.CURVE4, Path.CURVE4, Path.CURVE4, Path.LINETO])
 
 
-def draw_figure3(columns: list[Column], ax=None, row_inches: float = 0.2):
+def draw_figure3(columns: list[Column], ax=None, row_inches: float = 0.2, title: str | None = None):
     """Draw ``columns`` side by side as Fig. 3 does; returns the matplotlib Axes.
 
     Each column is titled with its name, its weighted layers and the multiply-adds counted
     for one image. Boxes whose layer halves the map say "/2" (in bold); a band on the left
     names each output size. Every shortcut is its own arc from the line above its block to
     the "+" below it: solid black for the identity, dotted red where the shortcut changes
-    dimensions."""
+    dimensions. ``title`` goes above the columns."""
     if not columns:
         raise ValueError("draw_figure3 needs at least one Column (build them with network_column)")
     tops, bands, bottom = _layout(columns)
     if ax is None:
         width = 1.4 + 2.2 * len(columns)
-        _, ax = plt.subplots(figsize=(width, row_inches * (-bottom + 3.5)))
+        _, ax = plt.subplots(figsize=(width, row_inches * (-bottom + 4.4)))
     left = -BOX_WIDTH / 2 - 2.4
     right = (len(columns) - 1) * COLUMN_SPACING + BOX_WIDTH / 2 + ARC_BULGE + 0.4
     for index, (label, top, low) in enumerate(bands):
         ax.axhspan(low + 0.2 - ROW + BOX_HEIGHT, top + 0.3, color="0.94" if index % 2 else "0.975", zorder=0)
-        ax.text(left + 0.1, top, label.replace(": ", ":\n"), fontsize=7, va="top", color="0.35")
+        ax.text(left + 0.1, top, label, fontsize=7, va="top", color="0.35")
     for c, column in enumerate(columns):
         x = c * COLUMN_SPACING
         gmacs = column.multiply_adds / 1e9
@@ -244,6 +244,10 @@ def draw_figure3(columns: list[Column], ax=None, row_inches: float = 0.2):
     ax.plot([], [], marker="$+$", ms=7, mec="black", linestyle="none", label="addition F(x) + shortcut")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=7.5, frameon=False)
     ax.set_xlim(left, right)
-    ax.set_ylim(bottom + 0.2, 3.2)
+    top = 3.2
+    if title:
+        ax.text((left + right) / 2, 3.4, title, ha="center", va="bottom", fontsize=9.5)
+        top = 4.3
+    ax.set_ylim(bottom + 0.2, top)
     ax.axis("off")
     return ax
