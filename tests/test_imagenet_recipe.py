@@ -21,13 +21,19 @@ def test_the_paper_recipe_has_sec_3_4_numbers():
 
 
 def test_compare_marks_what_torchvision_keeps_and_changes():
-    lines = {line.split("  ")[0]: line for line in compare(PAPER, TORCHVISION_REFERENCE).splitlines()[1:]}
+    lines = compare(PAPER, TORCHVISION_REFERENCE).splitlines()
+    assert lines[:2] == [f"paper: {PAPER.name}", f"torchvision: {TORCHVISION_REFERENCE.name}"]
     kept = {"flip", "batch size", "lr", "weight decay", "momentum", "dropout", "batch norm", "initialization"}
     changed = {"training crop", "normalization", "colour augmentation", "lr schedule", "iterations",
                "bottleneck stride", "testing"}
-    assert set(lines) == kept | changed
-    assert all(lines[k].endswith("same") for k in kept)
-    assert all("changed: " in lines[k] for k in changed)
+    fields = {line.split("  ")[0]: i for i, line in enumerate(lines[3:], start=3) if not line.startswith(" ")}
+    assert set(fields) == kept | changed
+    for name in kept:
+        assert lines[fields[name]].split()[len(name.split())] == "same"
+    for name in changed:
+        paper_line, torchvision_line = lines[fields[name]], lines[fields[name] + 1]
+        assert " paper " in paper_line and torchvision_line.split()[0] == "torchvision"
+    assert "RandomResizedCrop" in lines[fields["training crop"] + 1] and "[256, 480]" in lines[fields["training crop"]]
 
 
 def test_principal_components_find_the_direction_colours_vary_along():

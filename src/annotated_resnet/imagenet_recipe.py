@@ -114,14 +114,19 @@ TORCHVISION_REFERENCE = ImageNetRecipe(
 )
 
 
-def compare(first: ImageNetRecipe, second: ImageNetRecipe) -> str:
-    """The two recipes field by field, each row marked ``same`` or ``changed``."""
+def compare(first: ImageNetRecipe, second: ImageNetRecipe, labels: tuple[str, str] = ("paper", "torchvision")) -> str:
+    """The two recipes field by field: one line where they agree (``same``), two where they
+    differ, each value after its recipe's label."""
     rows = list(zip(first.rows(), second.rows()))
     name_w = max(len(name) for (name, _), _ in rows) + 2
-    value_w = max(len(value) for (_, value), _ in rows) + 2
-    lines = [f"{'':<{name_w}}{first.name:<{value_w}}{second.name}"]
+    label_w = max(map(len, labels)) + 2
+    lines = [f"{labels[0]}: {first.name}", f"{labels[1]}: {second.name}", ""]
     for (name, a), (_, b) in rows:
-        lines.append(f"{name:<{name_w}}{a:<{value_w}}{'same' if a == b else 'changed: ' + b}")
+        if a == b:
+            lines.append(f"{name:<{name_w}}{'same':<{label_w}}{a}")
+        else:
+            lines.append(f"{name:<{name_w}}{labels[0]:<{label_w}}{a}")
+            lines.append(f"{'':<{name_w}}{labels[1]:<{label_w}}{b}")
     return "\n".join(lines)
 
 

@@ -205,9 +205,9 @@ def draw_figure3(columns: list[Column], ax=None, row_inches: float = 0.2, title:
         raise ValueError("draw_figure3 needs at least one Column (build them with network_column)")
     tops, bands, bottom = _layout(columns)
     if ax is None:
-        width = 1.4 + 2.2 * len(columns)
+        width = 1.6 + 2.2 * len(columns)
         _, ax = plt.subplots(figsize=(width, row_inches * (-bottom + 4.4)))
-    left = -BOX_WIDTH / 2 - 2.4
+    left = -BOX_WIDTH / 2 - 2.9
     right = (len(columns) - 1) * COLUMN_SPACING + BOX_WIDTH / 2 + ARC_BULGE + 0.4
     for index, (label, top, low) in enumerate(bands):
         ax.axhspan(low + 0.2 - ROW + BOX_HEIGHT, top + 0.3, color="0.94" if index % 2 else "0.975", zorder=0)
