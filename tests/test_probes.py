@@ -1,23 +1,34 @@
 """The probes of notebooks 1-3: ILSVRC facts, gradient norms at init, the constructed solution."""
 
+import copy
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from annotated_resnet import count_parameters, create_model
+from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.probes import (
-    ILSVRC_WINNERS,
+    ILSVRC_ENTRIES,
     deepen_with_identity_layers,
     gradient_norms,
     identity_block,
+    ilsvrc_winners,
+    load_trained,
     naive_init_,
     plot_error_curves,
     plot_gradient_norms,
     plot_revolution_of_depth,
+    probe_batch,
+    reestimate_batchnorm_,
+    signal_stds,
+    spread,
     weighted_layers,
     without_batchnorm,
 )
@@ -36,12 +47,16 @@ def randomize_batchnorm_(model):
 
 
 def test_ilsvrc_winners_match_the_paper_facts():
-    resnet = ILSVRC_WINNERS[-1]
-    assert (resnet.year, resnet.top5_error, resnet.depth) == (2015, 3.57, 152)
-    winners = [e for e in ILSVRC_WINNERS if "2nd" not in e.name]
-    errors = [e.top5_error for e in sorted(winners, key=lambda e: e.year)]
-    assert errors == sorted(errors, reverse=True), "the winning error fell every year"
-    assert [e.depth for e in winners if e.year < 2012] == [None, None]
+    """The winning entry of each year: AlexNet's 15.3% (with extra data, AlexNet's Table 2),
+    not its 16.4% entry; ResNet's 3.57% ensemble (the abstract)."""
+    winners = ilsvrc_winners()
+    assert [(e.year, e.team, e.top5_error) for e in winners] == [
+        (2010, "NEC-UIUC", 28.2), (2011, "XRCE", 25.8), (2012, "AlexNet", 15.3), (2013, "Clarifai", 11.7),
+        (2014, "GoogLeNet", 6.7), (2015, "ResNet", 3.57)]
+    assert [e.depth for e in winners] == [None, None, 8, 8, 22, 152]
+    alexnet = [e for e in ILSVRC_ENTRIES if e.team == "AlexNet"]
+    assert [(e.top5_error, e.extra_data) for e in alexnet] == [(15.3, True), (16.4, False)]
+    assert [e.team for e in ILSVRC_ENTRIES if e.place == 2] == ["VGG"]
 
 
 @pytest.mark.parametrize("depth", [20, 56])
@@ -54,13 +69,134 @@ def test_projection_shortcuts_are_not_counted_as_weighted_layers():
     assert len(weighted_layers(create_model("resnet18"))) == 18
 
 
-def test_gradient_norms_one_per_layer_and_model_left_clean():
+def test_gradient_norms_one_per_layer_and_model_left_as_it_was():
+    """Probing a trained net must not change it: its mode, BN running statistics and
+    gradients are as before (a probe in training mode updates the running statistics)."""
     torch.manual_seed(0)
-    model = create_model("plain20")
-    norms = gradient_norms(model, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    model = randomize_batchnorm_(create_model("plain20")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        out_before = model(x)
+    norms = gradient_norms(model, x, torch.randint(0, 10, (8,)))
     assert list(norms) == [name for name, _ in weighted_layers(model)]
     assert all(v > 0 for v in norms.values())
-    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), out_before)
+
+
+def test_gradient_norm_is_the_l2_norm_of_the_weight_gradient():
+    torch.manual_seed(0)
+    model = create_model("plain20")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    norms = gradient_norms(model, x, y)
+    model.train()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert norms["layer2.0.conv1"] == pytest.approx(model.layer2[0].conv1.weight.grad.pow(2).sum().sqrt().item())
+
+
+def test_signal_stds_one_per_block_and_model_left_as_it_was():
+    torch.manual_seed(0)
+    model = randomize_batchnorm_(create_model("resnet20")).eval()
+    x = torch.randn(8, 3, 32, 32)
+    in_training_mode = copy.deepcopy(model).train()
+    with torch.no_grad():
+        last_block = in_training_mode.features(x).std().item()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    stds = signal_stds(model, x)
+    assert list(stds) == ["stem"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    assert stds["layer3.2"] == pytest.approx(last_block, rel=1e-5)
+    assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class FakeCifar:
+    """A CIFAR10-shaped stand-in: ``per_class`` random images of each of 10 classes."""
+
+    def __init__(self, per_class, seed=0):
+        rng = np.random.default_rng(seed)
+        self.train_labels = np.tile(np.arange(10), per_class)
+        self.train_images = rng.integers(0, 256, (10 * per_class, 32, 32, 3), dtype=np.uint8)
+
+
+def test_probe_batch_is_the_same_every_time_and_mean_subtracted():
+    cifar = FakeCifar(per_class=5)
+    (a, labels_a), (b, labels_b) = probe_batch(cifar, size=12), probe_batch(cifar, size=12)
+    assert a.shape == (12, 3, 32, 32) and labels_a.shape == (12,)
+    assert torch.equal(a, b) and torch.equal(labels_a, labels_b)
+    assert len(set(labels_a.tolist())) >= 6                      # drawn from every class, not one
+    assert abs(a.mean().item()) < 0.05 and a.min() < 0 < a.max()
+
+
+def write_run(folder, name, model, data, iterations=30):
+    """A finished run in the reference-run format (what gpu_job writes)."""
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text(json.dumps({"iteration": iterations, "train_error": 0.5, "test_error": 0.5}) + "\n")
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()},
+               folder / "weights-fp16.pt")
+    depth = len(weighted_layers(model))
+    provenance = {"run": name, "status": "finished", "iterations_done": iterations, "device": "CPU", "data": data,
+                  "model": {"depth": depth, "shortcut": "none", "base_width": 16},
+                  "recipe": {"batch_size": 128, "paper_iterations": 64000}}
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+
+
+def test_load_trained_takes_the_longest_run_and_the_images_it_trained_on(tmp_path):
+    cifar = FakeCifar(per_class=10)
+    data = {"train_images": 80, "validation_images": 20, "train_per_class": None, "data_seed": 0}
+    torch.manual_seed(0)
+    short, long = create_model("plain20"), create_model("plain20")
+    write_run(tmp_path / "short" / "plain20", "plain20", short, data, iterations=30)
+    write_run(tmp_path / "long" / "plain20", "plain20", long, data, iterations=300)
+    trained = load_trained("plain20", cifar, folder=tmp_path)
+    assert trained.iterations == 300 and not trained.model.training
+    assert torch.equal(trained.model.layer1[0].conv1.weight, long.layer1[0].conv1.weight.half().float())
+    train_images, _, val_images, _ = train_val_split(cifar.train_images, cifar.train_labels, 20, 0)
+    assert np.array_equal(trained.train_images, train_images) and len(trained.train_labels) == 80
+    assert not any((val == trained.train_images).all(axis=(1, 2, 3)).any() for val in val_images)
+    assert torch.allclose(trained.mean, pixel_mean(train_images))
+    assert trained.describe().startswith("300 iterations of batch 128 (0.5% of the paper's 64,000) on 80")
+
+
+def test_load_trained_reestimates_batchnorm_statistics_stored_as_infinity(tmp_path):
+    """A running variance above fp16's 65,504 is stored as inf; eval mode then silences that
+    channel. load_trained re-estimates BN's statistics from the run's training images."""
+    cifar = FakeCifar(per_class=10)
+    data = {"train_images": 100, "validation_images": 0, "train_per_class": None, "data_seed": 0}
+    model = create_model("plain20")
+    model.layer1[0].bn1.running_var[3] = 1e6
+    write_run(tmp_path / "plain20", "plain20", model, data)
+    trained = load_trained("plain20", cifar, folder=tmp_path, reestimate_images=20)
+    assert trained.batchnorm_reestimated == 20
+    assert all(torch.isfinite(b).all() for b in trained.model.buffers())
+    assert torch.equal(trained.model.layer1[0].conv1.weight, model.layer1[0].conv1.weight.half().float())
+    clean = tmp_path / "clean"
+    write_run(clean / "plain20", "plain20", create_model("plain20"), data)
+    assert load_trained("plain20", cifar, folder=clean).batchnorm_reestimated == 0
+
+
+def test_reestimated_batchnorm_statistics_are_the_average_over_the_images():
+    torch.manual_seed(0)
+    model = create_model("plain20")
+    images = FakeCifar(per_class=4).train_images
+    mean = pixel_mean(images)
+    reestimate_batchnorm_(model, images, mean, batch_size=40)
+    first = normalize(to_tensor(images), mean)
+    stem = model.conv1(first)
+    assert torch.allclose(model.bn1.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5)
+    assert model.bn1.momentum == 0.1 and not model.training
+
+
+def test_load_trained_refuses_another_copy_of_the_data(tmp_path):
+    data = {"train_images": 45_000, "validation_images": 20, "train_per_class": None, "data_seed": 0}
+    write_run(tmp_path / "plain20", "plain20", create_model("plain20"), data)
+    with pytest.raises(ValueError, match="trained on 45,000 images"):
+        load_trained("plain20", FakeCifar(per_class=10), folder=tmp_path)
+
+
+def test_spread():
+    assert spread([2.0, 8.0, 4.0]) == 4.0 and spread([3.0]) == 1.0
 
 
 def test_gradient_norms_rejects_mismatched_batch():
@@ -122,10 +258,12 @@ def test_constructed_solution_rejects_bad_input(shallow, depth, message):
 
 def test_plots_draw_what_they_say():
     ax = plot_revolution_of_depth().axes[0]
-    deep = [e for e in ILSVRC_WINNERS if e.depth is not None]
-    points, *shallow_lines = ax.lines
-    assert list(points.get_xdata()) == [e.depth for e in deep] and ax.get_xscale() == "log"
-    assert [line.get_ydata()[0] for line in shallow_lines] == [e.top5_error for e in ILSVRC_WINNERS if e.depth is None]
+    deep = [e for e in ILSVRC_ENTRIES if e.depth is not None]
+    points, shallow_lines = ax.lines[:len(deep)], ax.lines[len(deep):len(deep) + 2]
+    assert [(p.get_xdata()[0], p.get_ydata()[0]) for p in points] == [(e.depth, e.top5_error) for e in deep]
+    assert [p.get_markerfacecolor() == "white" for p in points] == [e not in ilsvrc_winners() for e in deep]
+    assert ax.get_xscale() == "log"
+    assert [line.get_ydata()[0] for line in shallow_lines] == [e.top5_error for e in ILSVRC_ENTRIES if e.depth is None]
     ax = plot_gradient_norms({"a": {"l1": 1.0, "l2": 2.0}})
     assert ax.get_yscale() == "log" and len(ax.lines) == 1
     history = [{"iteration": 10, "train_error": 0.5, "test_error": 0.6},

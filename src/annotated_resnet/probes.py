@@ -1,11 +1,13 @@
 """Probes for the first three notebooks: the context of the abstract, the degradation problem
 (Sec. 1, Fig. 1, Sec. 4.1) and the identity shortcut (Sec. 3.1, 3.2, Fig. 2).
 
-1. the ILSVRC classification winners (the "revolution of depth") and their plot;
-2. the gradient norm of every weighted layer at initialization, and the two ways to break a
-   net's initialization that it is compared against (no BN, a naive N(0, 0.01) init);
-3. the constructed solution of Sec. 1: a trained shallow plain net plus identity layers;
-4. error curves drawn the way Fig. 1 draws them (training error left, test error right).
+1. the ILSVRC classification results behind the "revolution of depth", and their plot;
+2. the gradient norm of every weighted layer and the spread of the forward signal, and the
+   two ways to break a net's initialization they are compared against (no BN, a naive
+   N(0, 0.01) init);
+3. the trained nets the package ships (its reference runs), with the images they trained on;
+4. the constructed solution of Sec. 1: a trained shallow plain net plus identity layers;
+5. error curves drawn the way Fig. 1 draws them (training error left, test error right).
 """
 
 from __future__ import annotations
@@ -13,63 +15,90 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
 from .model import BasicBlock, ResNet, cifar_resnet
 
-# --- 1. The context of the abstract: ILSVRC classification winners ---
+# --- 1. The context of the abstract: ILSVRC classification ---
 
 
 class IlsvrcEntry(NamedTuple):
-    """One ILSVRC classification entry: top-5 test error (%) and depth (``None``: shallow,
-    i.e. not a deep network)."""
+    """One ILSVRC classification entry: top-5 error (%) on the test set, depth in weighted
+    layers (``None``: not a deep network), the place the team took that year, and whether
+    the entry also trained on images outside the competition's training set."""
 
     year: int
-    name: str
+    team: str
     top5_error: float
     depth: int | None
+    place: int
+    extra_data: bool = False
+    note: str = ""
 
 
-#: Winners of ILSVRC classification 2010-2015, plus VGG (2nd in 2014). ResNet's 3.57% is
-#: the ensemble result of the abstract; its deepest single model has 152 layers.
-ILSVRC_WINNERS = (
-    IlsvrcEntry(2010, "NEC-UIUC", 28.2, None),
-    IlsvrcEntry(2011, "XRCE", 25.8, None),
-    IlsvrcEntry(2012, "AlexNet", 16.4, 8),
-    IlsvrcEntry(2013, "ZFNet", 11.7, 8),
-    IlsvrcEntry(2014, "VGG (2nd)", 7.3, 19),
-    IlsvrcEntry(2014, "GoogLeNet", 6.7, 22),
-    IlsvrcEntry(2015, "ResNet", 3.57, 152),
+#: The ILSVRC classification winners 2010-2015, and two other entries the course discusses:
+#: VGG (2nd in 2014) and AlexNet's best entry without extra data. AlexNet's winning 15.3% is
+#: from its paper (Krizhevsky et al. 2012, Table 2); ResNet's 3.57% is the abstract's ensemble.
+ILSVRC_ENTRIES = (
+    IlsvrcEntry(2010, "NEC-UIUC", 28.2, None, 1),
+    IlsvrcEntry(2011, "XRCE", 25.8, None, 1),
+    IlsvrcEntry(2012, "AlexNet", 15.3, 8, 1, extra_data=True,
+                note="7 CNNs, 2 of them pre-trained on the larger ImageNet Fall 2011 release"),
+    IlsvrcEntry(2012, "AlexNet", 16.4, 8, 1, note="5 CNNs, competition data only: the same team's other entry"),
+    IlsvrcEntry(2013, "Clarifai", 11.7, 8, 1, note="published as the network of Zeiler & Fergus (ZFNet)"),
+    IlsvrcEntry(2014, "VGG", 7.3, 19, 2),
+    IlsvrcEntry(2014, "GoogLeNet", 6.7, 22, 1),
+    IlsvrcEntry(2015, "ResNet", 3.57, 152, 1, note="an ensemble; its deepest nets have 152 layers"),
 )
 
 
-def plot_revolution_of_depth(entries=ILSVRC_WINNERS):
-    """Top-5 error against depth (log scale) for the deep entries; the shallow winners, which
-    have no depth to plot, are drawn as dashed horizontal lines at their error."""
-    fig, ax = plt.subplots(figsize=(8, 3.5))
+def ilsvrc_winners(entries=ILSVRC_ENTRIES) -> list[IlsvrcEntry]:
+    """The winning entry of each year: first place, the lowest error the winning team reached."""
+    best = {}
+    for entry in entries:
+        if entry.place == 1 and (entry.year not in best or entry.top5_error < best[entry.year].top5_error):
+            best[entry.year] = entry
+    return [best[year] for year in sorted(best)]
+
+
+def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
+    """Top-5 error against depth (log scale): each year's winner as a filled dot, the other
+    entries as open circles; the shallow winners, which have no depth to plot, as dashed
+    horizontal lines at their error."""
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    winners = ilsvrc_winners(entries)
     deep = [e for e in entries if e.depth is not None]
-    ax.plot([e.depth for e in deep], [e.top5_error for e in deep], "o", color="tab:blue")
-    for i, e in enumerate(deep):  # labels alternate above and below their point, so none overlap
-        ax.annotate(f"{e.year} {e.name}\n{e.top5_error}%", (e.depth, e.top5_error), textcoords="offset points",
-                    xytext=(6, 4 if i % 2 == 0 else -24), fontsize=8)
+    for e in deep:
+        won = e in winners
+        ax.plot(e.depth, e.top5_error, "o", ms=7, color="tab:blue", mfc="tab:blue" if won else "white")
+        label = f"{e.year} {e.team}{'' if won else ' (2nd place)' if e.place == 2 else ''}\n{e.top5_error}%"
+        label += " (extra data)" if e.extra_data else " (no extra data)" if e.team == "AlexNet" else ""
+        above = e.top5_error >= max(x.top5_error for x in deep if x.depth == e.depth)
+        ax.annotate(label, (e.depth, e.top5_error), textcoords="offset points", fontsize=8,
+                    xytext=(7, 2) if above or e.depth != 8 else (7, -20))
     for e in entries:
         if e.depth is None:
             ax.axhline(e.top5_error, color="0.6", ls="--", lw=1)
-            ax.annotate(f"{e.year} {e.name} (shallow): {e.top5_error}%", (deep[0].depth, e.top5_error),
+            ax.annotate(f"{e.year} {e.team} (shallow): {e.top5_error}%", (min(x.depth for x in deep), e.top5_error),
                         textcoords="offset points", xytext=(0, 3), fontsize=8, color="0.4")
+    ax.plot([], [], "o", color="tab:blue", label="that year's winner")
+    ax.plot([], [], "o", color="tab:blue", mfc="white", label="another entry")
+    ax.legend(fontsize=8, loc="upper right")
     ax.set_xscale("log")
-    ax.set_xlim(deep[0].depth * 0.7, max(e.depth for e in deep) * 2.5)
+    ax.set_xlim(min(e.depth for e in deep) * 0.7, max(e.depth for e in deep) * 2.5)
     ax.set_ylim(0, max(e.top5_error for e in entries) * 1.15)
     ax.set_xlabel("depth (weighted layers, log scale)")
-    ax.set_ylabel("ILSVRC top-5 error (%)")
+    ax.set_ylabel("ILSVRC top-5 test error (%)")
     ax.set_title("ILSVRC classification: the revolution of depth")
     fig.tight_layout()
     return fig
 
 
-# --- 2. Gradients at initialization (Sec. 1, Sec. 4.1) ---
+# --- 2. Gradients and forward signals (Sec. 1, Sec. 4.1) ---
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -80,22 +109,88 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
             if isinstance(m, (nn.Conv2d, nn.Linear)) and "downsample" not in name]
 
 
-def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The L2 norm of the loss gradient with respect to each weighted layer's weights, for one
-    batch, in training mode (BN uses the batch's statistics, as during training).
+def _check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+    if images.dim() != 4 or (labels is not None and images.shape[0] != labels.shape[0]):
+        got = f"{tuple(images.shape)}" + ("" if labels is None else f" and {tuple(labels.shape)}")
+        raise ValueError(f"expected images of shape (N, C, H, W)" + ("" if labels is None else " and N labels")
+                         + f", got {got}")
 
-    Vanishing gradients show as norms orders of magnitude smaller than a healthy net's: at the
-    layers near the input when the backward signal decays, at every layer when the forward
-    signal itself dies out. Sec. 4.1 says a BN plain net has healthy norms."""
-    if images.dim() != 4 or images.shape[0] != labels.shape[0]:
-        raise ValueError(f"expected images of shape (N, C, H, W) and N labels, got {tuple(images.shape)} "
-                         f"and {tuple(labels.shape)}")
-    model.train()
-    model.zero_grad()
-    F.cross_entropy(model(images), labels).backward()
-    norms = {name: m.weight.grad.norm().item() for name, m in weighted_layers(model)}
-    model.zero_grad()
-    return norms
+
+class _TrainingModeProbe:
+    """Run a model in training mode (BN normalises with the batch's statistics, as during
+    training) and put back its mode and BN running statistics afterwards, so that probing a
+    trained net does not change what it computes in eval mode."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.was_training = self.model.training
+        self.buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        self.model.train()
+        return self.model
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(self.buffers[name])
+        self.model.train(self.was_training)
+        self.model.zero_grad(set_to_none=True)
+
+
+def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The gradient norm of every weighted layer, input side first: for one batch, the gradient
+    of the mean cross-entropy loss with respect to the layer's weight tensor, a tensor of the
+    weight's shape, and its L2 norm, the square root of the sum of its squared entries.
+
+    Measured in training mode (BN uses the batch's statistics, as SGD sees the net); the model
+    is left as it was (mode, BN running statistics, no gradients). Vanishing gradients show
+    as norms many orders of magnitude below a healthy net's."""
+    _check_batch(images, labels)
+    with _TrainingModeProbe(model):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        return {name: m.weight.grad.norm().item() for name, m in weighted_layers(model)}
+
+
+def signal_stds(model: ResNet, images: torch.Tensor) -> dict[str, float]:
+    """The forward signal: the standard deviation of what the stem and each block output, for
+    one batch in training mode (Sec. 4.1: BN keeps it at non-zero variance). The model is left
+    as it was."""
+    _check_batch(images)
+    stds = {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            stds.setdefault(name, output.std().item())
+        return hook
+
+    modules = [("stem", model.relu)] + [(f"layer{i + 1}.{j}", block) for i, stage in enumerate(model.stages)
+                                        for j, block in enumerate(stage)]
+    hooks = [module.register_forward_hook(record(name)) for name, module in modules]
+    try:
+        with _TrainingModeProbe(model), torch.no_grad():
+            model(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stds
+
+
+def probe_batch(cifar, size: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch every gradient probe of notebooks 2 and 3 uses, so that their numbers agree:
+    the first ``size`` images of a class-balanced random subset of the CIFAR-10 training set,
+    with the per-pixel mean of the training set subtracted (Sec. 4.2), and their labels."""
+    images, labels = balanced_subset(cifar.train_images, cifar.train_labels, per_class=-(-size // 10), seed=seed)
+    batch = normalize(to_tensor(images[:size]), pixel_mean(cifar.train_images))
+    return batch, torch.as_tensor(labels[:size])
+
+
+def spread(values) -> float:
+    """Largest over smallest: how unevenly a set of positive numbers (a net's layer gradient
+    norms, say) is spread. 1 means all equal."""
+    values = list(values)
+    return max(values) / min(values)
 
 
 def without_batchnorm(model: nn.Module) -> nn.Module:
@@ -132,7 +227,87 @@ def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, ti
     return ax
 
 
-# --- 3. The constructed solution (Sec. 1) ---
+# --- 3. The trained nets the package ships (reference runs) ---
+
+
+class TrainedNet(NamedTuple):
+    """A shipped reference run, ready to probe: the trained ``model`` (eval mode), the per-pixel
+    ``mean`` it was trained with, the ``train_images`` and ``train_labels`` it trained on, its
+    per-epoch ``history`` and its ``provenance`` (hardware, data, recipe).
+    ``batchnorm_reestimated``: how many training images BN's running statistics were
+    re-estimated from, because the file held infinite ones (0: used as shipped)."""
+
+    model: ResNet
+    mean: torch.Tensor
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    history: list[dict]
+    provenance: dict
+    batchnorm_reestimated: int = 0
+
+    @property
+    def iterations(self) -> int:
+        return self.provenance["iterations_done"]
+
+    def describe(self) -> str:
+        """How long, on what, and on which data the net was trained, in one line."""
+        recipe, data = self.provenance["recipe"], self.provenance["data"]
+        fraction = self.iterations / recipe["paper_iterations"]
+        return (f"{self.iterations:,} iterations of batch {recipe['batch_size']} ({fraction:.1%} of the paper's "
+                f"{recipe['paper_iterations']:,}) on {data['train_images']:,} training images, "
+                f"{self.provenance['device']}")
+
+
+@torch.no_grad()
+def reestimate_batchnorm_(model: nn.Module, images: np.ndarray, mean: torch.Tensor, batch_size: int = 500) -> nn.Module:
+    """Recompute every BN layer's running mean and variance, in place, as the plain average
+    over ``images`` (uint8, unaugmented) of the batch statistics. The learned weights are
+    untouched; the running statistics are estimates that eval mode uses, not learned."""
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [bn.momentum for bn in batchnorms]
+    for bn in batchnorms:
+        bn.reset_running_stats()
+        bn.momentum = None                  # None: a cumulative average instead of a moving one
+    model.train()
+    for start in range(0, len(images), batch_size):
+        model(normalize(to_tensor(images[start:start + batch_size]), mean))
+    for bn, momentum in zip(batchnorms, momenta):
+        bn.momentum = momentum
+    return model.eval()
+
+
+def load_trained(name: str, cifar, folder=None, reestimate_images: int = 1000) -> TrainedNet:
+    """The shipped run of CIFAR-10 net ``name`` (``"plain20"``, ``"resnet56"``, ...) trained for
+    the most iterations (:func:`annotated_resnet.gpu_job.longest_reference_run`, so longer runs
+    shipped later are picked up), rebuilt with its weights, and the training images it saw:
+    the run's train/validation split and subset, recomputed from its provenance.
+
+    The shipped weights are stored in 16-bit floats, whose largest value is 65,504; a BN
+    running variance above that is stored as infinity, which silences its channel in eval
+    mode. Where that happened, BN's running statistics are re-estimated from
+    ``reestimate_images`` of the run's training images (:func:`reestimate_batchnorm_`)."""
+    from .gpu_job import load_reference_run, longest_reference_run
+    history, provenance, state_dict = load_reference_run(longest_reference_run(name, folder))
+    model = cifar_resnet(**provenance["model"])
+    model.load_state_dict(state_dict)
+    data = provenance["data"]
+    images, labels = cifar.train_images, cifar.train_labels
+    if data.get("validation_images"):
+        images, labels, _, _ = train_val_split(images, labels, data["validation_images"], data["data_seed"])
+    if data.get("train_per_class"):
+        images, labels = balanced_subset(images, labels, data["train_per_class"], data["data_seed"])
+    if len(labels) != data["train_images"]:
+        raise ValueError(f"{name}: the run trained on {data['train_images']:,} images, but this copy of "
+                         f"CIFAR-10 gives {len(labels):,} for its split; load the CIFAR-10 it was trained on")
+    mean, reestimated = pixel_mean(images), 0
+    if not all(torch.isfinite(b).all() for b in model.buffers()):
+        reestimated = reestimate_images
+        sample, _ = balanced_subset(images, labels, reestimate_images // 10, data["data_seed"])
+        reestimate_batchnorm_(model, sample, mean)
+    return TrainedNet(model.eval(), mean, images, labels, history, provenance, reestimated)
+
+
+# --- 4. The constructed solution (Sec. 1) ---
 
 
 def identity_block(channels: int) -> BasicBlock:
@@ -180,7 +355,7 @@ def deepen_with_identity_layers(shallow: ResNet, depth: int) -> ResNet:
     return deep.eval()
 
 
-# --- 4. Error curves in the style of Fig. 1 ---
+# --- 5. Error curves in the style of Fig. 1 ---
 
 
 def plot_error_curves(histories: dict[str, list[dict]], axes=None, scale_note: str = "",
