@@ -115,6 +115,14 @@ def test_a_run_rebuilds_its_network_and_its_training_mean(tmp_path):
     run.provenance["data"]["validation_images"] = 0
     torch.testing.assert_close(run.training_mean(Data), pixel_mean(Data.train_images))
 
+    # an fp16 overflow: an infinite running variance would silence its channel in eval mode
+    run.state_dict["layer1.0.bn1.running_var"][3] = float("inf")
+    with pytest.raises(ValueError, match="infinite BN running statistics"):
+        run.model()
+    repaired = run.model(Data, reestimate_images=20)
+    assert all(torch.isfinite(b).all() for b in repaired.buffers()) and run.batchnorm_reestimated == 20
+    assert torch.equal(repaired.layer1[0].bn1.weight, run.state_dict["layer1.0.bn1.weight"].float())
+
 
 def test_the_package_ships_a_full_schedule_resnet20():
     runs = shipped_runs()

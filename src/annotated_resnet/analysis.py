@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import pixel_mean, train_val_split
+from .data import balanced_subset, pixel_mean, train_val_split
 from .gpu_job import PROVENANCE_NAME, REFERENCE_RUNS, load_reference_run
 from .model import BasicBlock, Bottleneck, ResNet, cifar_resnet
+from .probes import reestimate_batchnorm_
 
 
 def three_by_three_responses(model: ResNet) -> list[tuple[str, nn.BatchNorm2d]]:
@@ -100,6 +101,8 @@ class ReferenceRun:
     history: list[dict]
     provenance: dict
     state_dict: dict
+    #: How many training images :meth:`model` re-estimated BN's running statistics from (0: none).
+    batchnorm_reestimated: int = 0
 
     @property
     def name(self) -> str:
@@ -144,19 +147,40 @@ class ReferenceRun:
         return (f"{self.name}: {self.schedule()}; {self.training_set()}; {self.data()}; "
                 f"{self.provenance['device']}; seed {self.provenance['seed']}")
 
-    def model(self) -> ResNet:
-        """The trained network (its fp16 weights loaded as float32), in eval mode."""
+    def model(self, cifar=None, reestimate_images: int = 1000) -> ResNet:
+        """The trained network (its fp16 weights loaded as float32), in eval mode.
+
+        fp16 holds numbers up to 65,504; a BN running variance above that is stored as infinity
+        and silences its channel in eval mode. Where that happened, BN's running statistics are
+        re-estimated from ``reestimate_images`` of the run's own training images, taken from
+        ``cifar`` (:func:`annotated_resnet.probes.reestimate_batchnorm_`); the learned weights
+        stay as trained."""
         net = cifar_resnet(**self.provenance["model"])
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()})
+        if not all(torch.isfinite(buffer).all() for buffer in net.buffers()):
+            if cifar is None:
+                raise ValueError(f"{self.name}: its fp16 weights hold infinite BN running statistics; pass the "
+                                 "CIFAR-10 it trained on (model(cifar)) to re-estimate them from its training images")
+            images, labels = self.training_images(cifar)
+            sample, _ = balanced_subset(images, labels, reestimate_images // 10, self.provenance["data"]["data_seed"])
+            reestimate_batchnorm_(net, sample, pixel_mean(images))
+            self.batchnorm_reestimated = len(sample)
         return net.eval()
 
-    def training_mean(self, cifar) -> torch.Tensor:
-        """The per-pixel mean of the images this run trained on, taken from ``cifar`` (the
-        data loaded here; the run's own images if it is the same copy of CIFAR-10)."""
+    def training_images(self, cifar):
+        """The images and labels this run trained on, taken from ``cifar`` (the data loaded here;
+        the run's own images if it is the same copy of CIFAR-10): its split and subset."""
+        data = self.provenance["data"]
         images, labels = cifar.train_images, cifar.train_labels
         if self.held_out:
-            images = train_val_split(images, labels, self.held_out, self.provenance["data"]["data_seed"])[0]
-        return pixel_mean(images)
+            images, labels = train_val_split(images, labels, self.held_out, data["data_seed"])[:2]
+        if data.get("train_per_class"):
+            images, labels = balanced_subset(images, labels, data["train_per_class"], data["data_seed"])
+        return images, labels
+
+    def training_mean(self, cifar) -> torch.Tensor:
+        """The per-pixel mean of the images this run trained on (:meth:`training_images`)."""
+        return pixel_mean(self.training_images(cifar)[0])
 
 
 def shipped_runs(folder: str | os.PathLike | None = None) -> list[ReferenceRun]:
