@@ -46,3 +46,86 @@ def test_rejects_unnormalized_images_and_other_models():
         layer_response_std(create_model("resnet20"), torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(TypeError, match="annotated_resnet.ResNet"):
         three_by_three_responses(torch.nn.Linear(2, 2))
+
+
+# --- Reference runs ---
+
+import json
+
+from annotated_resnet.analysis import longest_runs, runs_at_one_schedule, shipped_runs
+from annotated_resnet.data import pixel_mean, train_val_split
+
+
+def make_run(root, folder, name, iterations, held_out, status="finished"):
+    """A run folder in the gpu_job format, for a tiny 8-layer net."""
+    run = root / folder
+    run.mkdir(parents=True)
+    depth = 8
+    shortcut = "none" if name.startswith("plain") else "A"
+    torch.manual_seed(iterations)
+    state = {k: v.half() if v.is_floating_point() else v
+             for k, v in cifar_resnet(depth, shortcut=shortcut).state_dict().items()}
+    torch.save(state, run / "weights-fp16.pt")
+    (run / "log.jsonl").write_text(json.dumps({"epoch": 1, "iteration": iterations, "train_error": 0.5,
+                                               "test_error": 0.6}) + "\n")
+    provenance = {
+        "run": name, "status": status, "iterations_done": iterations, "device": "a test GPU", "seed": 0,
+        "data": {"source": "archive of an image-folder tree of JPEGs (lossy ...): /x.tar.gz",
+                 "train_images": 50_000 - held_out, "test_images": 10_000, "validation_images": held_out,
+                 "data_seed": 0},
+        "recipe": {"iterations": iterations, "batch_size": 128, "paper_iterations": 64_000},
+        "model": {"depth": depth, "shortcut": shortcut, "base_width": 16},
+    }
+    (run / "provenance.json").write_text(json.dumps(provenance))
+
+
+def test_shipped_runs_are_found_anywhere_and_say_what_they_trained_on(tmp_path):
+    make_run(tmp_path, "short/resnet20", "resnet20", 3_000, 5_000)
+    make_run(tmp_path, "full/resnet20", "resnet20", 64_000, 0)
+    make_run(tmp_path, "short/plain20", "plain20", 3_000, 5_000)
+    make_run(tmp_path, "unfinished/plain20", "plain20", 64_000, 0, status="stopped at iteration 10")
+    runs = shipped_runs(tmp_path)
+    assert [(r.name, r.iterations) for r in runs] == [("plain20", 3_000), ("resnet20", 3_000), ("resnet20", 64_000)]
+    short, full = runs[1], runs[2]
+    assert "45,000 training images (5,000 held out: the 45k/5k split)" in short.describe()
+    assert "0.0469x the paper's 64,000" in short.schedule() and not short.full_schedule
+    assert "50,000 training images (no split" in full.training_set() and "the paper's full schedule" in full.schedule()
+    assert full.data() == "the JPEG copy of CIFAR-10 (lossy)" and full.final["test_error"] == 0.6
+    assert longest_runs(runs)["resnet20"] is full and longest_runs(runs)["plain20"].iterations == 3_000
+    pair = runs_at_one_schedule(runs, ["plain20", "resnet20"])
+    assert {name: run.iterations for name, run in pair.items()} == {"plain20": 3_000, "resnet20": 3_000}
+    assert runs_at_one_schedule(runs, ["resnet20"])["resnet20"] is full
+    assert runs_at_one_schedule(runs, ["plain56", "resnet20"]) == {}
+
+
+def test_a_run_rebuilds_its_network_and_its_training_mean(tmp_path):
+    make_run(tmp_path, "resnet20", "resnet20", 3_000, 5_000)
+    run = shipped_runs(tmp_path)[0]
+    net = run.model()
+    assert not net.training and net.layer1[0].downsample is None
+    assert torch.equal(net.conv1.weight, run.state_dict["conv1.weight"].float())
+
+    class Data:  # the two arrays of a CIFAR10 that training_mean reads
+        train_images = torch.randint(0, 256, (60, 32, 32, 3), dtype=torch.uint8).numpy()
+        train_labels = torch.arange(60).remainder(10).numpy()
+
+    run.provenance["data"]["validation_images"] = 10
+    expected = pixel_mean(train_val_split(Data.train_images, Data.train_labels, 10, 0)[0])
+    torch.testing.assert_close(run.training_mean(Data), expected)
+    run.provenance["data"]["validation_images"] = 0
+    torch.testing.assert_close(run.training_mean(Data), pixel_mean(Data.train_images))
+
+    # an fp16 overflow: an infinite running variance would silence its channel in eval mode
+    run.state_dict["layer1.0.bn1.running_var"][3] = float("inf")
+    with pytest.raises(ValueError, match="infinite BN running statistics"):
+        run.model()
+    repaired = run.model(Data, reestimate_images=20)
+    assert all(torch.isfinite(b).all() for b in repaired.buffers()) and run.batchnorm_reestimated == 20
+    assert torch.equal(repaired.layer1[0].bn1.weight, run.state_dict["layer1.0.bn1.weight"].float())
+
+
+def test_the_package_ships_a_full_schedule_resnet20():
+    runs = shipped_runs()
+    full = longest_runs(runs)["resnet20"]
+    assert full.full_schedule and full.final["iteration"] == 64_000
+    assert all(run.held_out in (0, 5_000) for run in runs)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torchvision
 
-from annotated_resnet import count_multiply_adds, count_parameters, create_model
+from annotated_resnet import count_multiply_adds, count_parameters, create_model, table1
 from annotated_resnet.architecture import format_trace, trace_shapes
 
 # The study group's question, answered: how the identity is added back in ResNet-34 on a 224x224 input.
@@ -79,3 +79,10 @@ def test_option_a_b_c_parameter_ordering_for_resnet34():
     params = {o: count_parameters(m) for o, m in models.items()}
     assert params["A"] == count_parameters(create_model("plain34"))
     assert params["A"] < params["B"] < params["C"]
+
+
+def test_table1_on_the_meta_device_counts_what_the_cpu_counts():
+    # The meta device only carries shapes; the counts must not depend on it.
+    meta, cpu = table1(depths=(18,)), table1(depths=(18,), device="cpu")
+    assert meta == cpu
+    assert meta[0]["params"] == 11_689_512 and round(meta[0]["gmacs"], 3) == 1.814

@@ -77,12 +77,17 @@ def block_layout(block: nn.Module) -> str:
     return "[" + "; ".join(f"{c.kernel_size[0]}x{c.kernel_size[1]}, {c.out_channels}" for c in convs) + "]"
 
 
-def table1(depths=tuple(IMAGENET_LAYOUTS), input_size: int = 224) -> list[dict]:
+def table1(depths=tuple(IMAGENET_LAYOUTS), input_size: int = 224, device: str = "meta") -> list[dict]:
     """One row per network of Table 1 (option B, the paper's "v1" stride placement):
-    depth, per-stage output size and layout, parameters and multiply-adds (GMACs)."""
+    depth, per-stage output size and layout, parameters and multiply-adds (GMACs).
+
+    The networks are built on ``device``: by default PyTorch's meta device, whose tensors
+    have shapes but no data, so the forward pass that the counter and the hooks watch runs
+    every layer's code without doing its arithmetic (the counts are the same as on the CPU)."""
     rows = []
     for depth in depths:
-        model = imagenet_resnet(depth)
+        with torch.device(device):
+            model = imagenet_resnet(depth)
         shapes = stage_output_shapes(model, input_size)
         stages = {
             "conv1": (f"{shapes['conv1'][1]}x{shapes['conv1'][2]}", "7x7, 64, stride 2"),
