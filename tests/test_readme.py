@@ -5,21 +5,11 @@ pointer."""
 import re
 from pathlib import Path
 
-import nbformat
 import pytest
 
+from headings import heading_pointers, notebook_headings
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def notebook_headings() -> dict[int, set[str]]:
-    """{notebook number: the text of every markdown heading in it}, without quotes at either end
-    (the map quotes each heading, so a heading's own outer quotes can't be told apart there)."""
-    headings = {}
-    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
-        cells = nbformat.read(path, as_version=4).cells
-        lines = [line for cell in cells if cell.cell_type == "markdown" for line in cell.source.splitlines()]
-        headings[int(path.name[:2])] = {line.lstrip("#").strip().strip('"') for line in lines if line.startswith("#")}
-    return headings
 
 
 def paper_map(readme: str) -> list[tuple[str, int, str]]:
@@ -29,11 +19,7 @@ def paper_map(readme: str) -> list[tuple[str, int, str]]:
     pointers = []
     for row in rows:
         paper, where = [cell.strip() for cell in row.strip("| ").split(" | ")]
-        for part in re.split(r";\s*(?=\d+ →)", where):
-            number, headings = re.fullmatch(r"(\d+) → (.*)", part.strip()).groups()
-            headings = re.sub(r"\s*\([^\"]*\)$", "", headings)    # a trailing note in parentheses
-            for heading in headings.strip('"').split('", "'):
-                pointers.append((paper, int(number), heading))
+        pointers += [(paper, number, heading) for number, heading in heading_pointers(where)]
     return pointers
 
 
