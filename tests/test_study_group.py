@@ -36,6 +36,7 @@ def test_the_guide_parser_reads_cells_and_line_ends():
 
 
 POINTERS = guide_pointers(GUIDE)
+NUMBER_WORDS = ["no", "one", "two", "three", "four", "five", "six"]
 
 
 def test_every_arrow_in_the_guide_is_a_pointer_that_is_checked():
@@ -77,6 +78,18 @@ def test_the_slow_cells_are_the_cells_that_train():
                 training.add((int(path.name[:2]), heading))
     slow = next(line for line in GUIDE.splitlines() if line.startswith("- Slow cells: "))
     assert set(guide_pointers(slow)) == training and training
+    assert f"the {NUMBER_WORDS[len(training)]} cells that train networks" in GUIDE.replace("\n", " ")
+
+
+def test_the_notebooks_that_train_longer_on_a_gpu_are_those_with_slow_cells():
+    """The guide says the large scale changes only the notebooks whose slow cells it lists."""
+    scaled = {int(path.name[:2]) for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")
+              if any(cell.cell_type == "code" and "at_scale(" in cell.source
+                     for cell in nbformat.read(path, as_version=4).cells)}
+    slow = next(line for line in GUIDE.splitlines() if line.startswith("- Slow cells: "))
+    assert scaled == {number for number, _ in guide_pointers(slow)}
+    words = GUIDE.replace("\n  ", " ").replace("\n", " ")
+    assert f"the {NUMBER_WORDS[len(scaled)]} notebooks with slow cells then train longer" in words
 
 
 def test_commands_variables_and_versions_are_the_projects():
