@@ -12,7 +12,8 @@ metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a
 (each training step as one :class:`~annotated_resnet.step.TrainingStep`, replayed as a CUDA
 graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with
 every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
-(:mod:`annotated_resnet.stopping`), stop on a non-finite loss).
+(:mod:`annotated_resnet.stopping`), stop on a non-finite loss). Under ``torchrun`` the same
+run is data-parallel over several processes (:mod:`annotated_resnet.distributed`).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
 host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps, when the progress
@@ -50,13 +51,16 @@ from .checkpoints import (
     LOG_NAME,
     RunState,
     atomic_save,
+    check_same_processes,
     check_same_run,
     checkpoint_to_resume,
     describe_model,
     write_log,
 )
+from . import distributed
 from .data import CIFAR10
-from .evaluation import evaluate
+from .distributed import ShardedErrorRate, sum_over_processes
+from .evaluation import count_mistakes, evaluate  # noqa: F401 - evaluate re-exported: the notebooks import it from here
 from .model import create_model
 from .progress import DeviceSmoothLoss, LazyProgress
 from .recipe import Recipe, sgd
@@ -85,13 +89,13 @@ class StepCallback(Callback):
 
     order = 8  # after PaperSchedule (5) has set the learning rate
 
-    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None):
-        self.graph, self.precision, self.scaler = graph, precision, scaler
+    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None, eager_steps: int = 3):
+        self.graph, self.precision, self.scaler, self.eager_steps = graph, precision, scaler, eager_steps
 
     def before_fit(self):
         device = next(self.model.parameters()).device
         self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph,
-                                          precision=self.precision, scaler=self.scaler)
+                                          eager_steps=self.eager_steps, precision=self.precision, scaler=self.scaler)
 
     def before_batch(self):
         if not self.training:
@@ -131,7 +135,7 @@ class PaperSchedule(Callback):
     def after_batch(self):
         if not self.training or self.run.warmed_up:
             return
-        batch_error = (self.pred.argmax(1) != self.yb[0]).float().mean().item()
+        batch_error = sum_over_processes((self.pred.argmax(1) != self.yb[0]).float().mean()).item() / distributed.current().count
         self.run.smoothed_error = 0.9 * self.run.smoothed_error + 0.1 * batch_error
         if self.run.smoothed_error < self.recipe.warmup_until_error:
             self.run.warmed_up = True
@@ -160,13 +164,16 @@ class RunRecorder(Callback):
         self.stop = trainer.stop
         self.stopped: str | None = None
         self.failure: str | None = None
+        self.agreed_stop = False  # several processes: a stop they all know of, at a loss check
 
     def before_fit(self):
         self.started = time.perf_counter() - self.run.seconds
 
     def before_epoch(self):
-        self.loss_sum = torch.tensor(self.run.loss_sum, device=self.trainer.device)
-        self.error_sum = torch.tensor(self.run.error_sum, device=self.trainer.device)
+        # the sums of a resumed epoch (all processes' together) go on in the first process's sums
+        first = self.trainer.processes.first
+        self.loss_sum = torch.tensor(self.run.loss_sum if first else 0.0, device=self.trainer.device)
+        self.error_sum = torch.tensor(self.run.error_sum if first else 0.0, device=self.trainer.device)
         self.checked_iteration = self.run.iteration
 
     def after_batch(self):
@@ -178,7 +185,8 @@ class RunRecorder(Callback):
         self.run.batches_in_epoch += 1
         if self.run.iteration - self.checked_iteration >= self.check_every:
             self.check_finite()
-        if self.stop.requested and self.run.iteration < self.trainer.recipe.iterations:
+        stopping = self.agreed_stop if self.trainer.processes.parallel else self.stop.requested
+        if stopping and self.run.iteration < self.trainer.recipe.iterations:
             # (on the run's last batch the epoch's end comes next and saves the finished run)
             self.check_finite()
             self.trainer.save(self.run_state_now())
@@ -187,8 +195,13 @@ class RunRecorder(Callback):
 
     def check_finite(self):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
-        running sum of the epoch's losses is then no longer finite)."""
-        if not torch.isfinite(self.loss_sum):
+        running sum of the epoch's losses is then no longer finite). Several processes check
+        together, and share a stop request (:func:`~annotated_resnet.distributed.agree`)."""
+        finite = bool(torch.isfinite(self.loss_sum))
+        if self.trainer.processes.parallel:
+            finite = distributed.agree(self.stop, finite, self.trainer.device)
+            self.agreed_stop = self.stop.requested
+        if not finite:
             path = self.trainer.checkpoint_path
             where = ("nothing is saved" if path is None else
                      f"no checkpoint was written yet (the first is written after the first epoch)"
@@ -196,8 +209,10 @@ class RunRecorder(Callback):
                      f"the last good checkpoint, {path} (iteration {self.trainer.saved_iteration}), is kept")
             first, last = self.checked_iteration + 1, self.run.iteration
             when = f"iteration {last}" if first == last else f"one of iterations {first}-{last}"
+            value = self.loss_sum.item()
+            became = f"became {value}" if not math.isfinite(value) else "became non-finite in another process"
             self.failure = (
-                f"the training loss became {self.loss_sum.item()} at {when} (lr {self.opt.hypers[-1]['lr']:g}); "
+                f"the training loss {became} at {when} (lr {self.opt.hypers[-1]['lr']:g}); "
                 f"the run stops and {where}. A smaller learning rate (--lr) or the warm-up of Sec. 4.2 "
                 "usually helps.")
             raise NonFiniteLossError(self.failure)
@@ -205,7 +220,8 @@ class RunRecorder(Callback):
 
     def run_state_now(self) -> RunState:
         self.run.seconds = time.perf_counter() - self.started
-        self.run.loss_sum, self.run.error_sum = self.loss_sum.item(), self.error_sum.item()
+        sums = sum_over_processes(torch.stack([self.loss_sum.float(), self.error_sum.float()]))
+        self.run.loss_sum, self.run.error_sum = sums[0].item(), sums[1].item()
         return self.run
 
     def after_epoch(self):
@@ -224,6 +240,8 @@ class RunRecorder(Callback):
             "lr": float(f"{self.opt.hypers[-1]['lr']:.6g}"),
             "seconds": round(time.perf_counter() - self.started, 3),
         }
+        if self.trainer.processes.parallel:
+            record["processes"] = self.trainer.processes.count
         run.history.append(record)
         run.seconds = record["seconds"]
         run.epoch += 1
@@ -251,8 +269,10 @@ class TrainResult:
 class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
-    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out):
+    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out,
+                 sync_batchnorm: bool = False):
         self.recipe, self.seed, self.device, self.precision = recipe, seed, device, precision
+        self.processes, self.sync_batchnorm = distributed.current(), sync_batchnorm
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
         self.saved_iteration = 0
@@ -269,22 +289,49 @@ class _Trainer:
                 "seed": self.seed, "data": self.data}
 
     def test_error(self) -> float:
-        """Error on the test images (the full test set, or its class-balanced subset)."""
-        return evaluate(self.model, self.test_batches, precision=self.precision)
+        """Error on the test images (the full test set, or its class-balanced subset); several
+        processes each count the mistakes on their share of the images, with the first's
+        batch-norm statistics, and add up their counts."""
+        distributed.sync_buffers(self.model)
+        counts = torch.stack([count_mistakes(self.model, self.test_batches, precision=self.precision),
+                              torch.tensor(float(len(self.test_batches.labels)), device=self.device)])
+        wrong, images = sum_over_processes(counts).tolist()
+        return wrong / images
+
+    def kept(self) -> str:
+        """Which checkpoint a run that fails now leaves, and how to go on from it."""
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return "no checkpoint was written (the first is written after the first epoch)"
+        return (f"the last checkpoint, {self.checkpoint_path} (iteration {self.saved_iteration}), is kept: "
+                "continue with the same command and --resume")
+
+    def batch_norm(self) -> str:
+        """Whose statistics batch norm normalises with, for the checkpoint."""
+        return "synchronised over the processes" if self.sync_batchnorm else "per process"
 
     def save(self, run: RunState) -> None:
         """Write the checkpoint atomically: a temporary file in the run folder, then
-        ``os.replace``, so the folder always holds a complete checkpoint."""
+        ``os.replace``, so the folder always holds a complete checkpoint. Of several processes,
+        the first writes it, with every process's loader and generator states."""
         if self.out is None:
             return
+        process_state = {"loader": self.train_batches.state(run.batches_in_epoch), "torch_rng": torch.get_rng_state()}
+        if self.processes.parallel:
+            distributed.sync_buffers(self.model)
+            states = distributed.gather(process_state)
+            if not self.processes.first:
+                self.saved_iteration = run.iteration
+                return
         checkpoint = {
             "format": CHECKPOINT_FORMAT, **self.identity(), "pixel_mean": self.mean.cpu(),
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
             "run": dataclasses.asdict(run),
-            "loader": self.train_batches.state(run.batches_in_epoch),
-            "torch_rng": torch.get_rng_state(), "precision": self.precisions,
+            **process_state, "precision": self.precisions,
             "scaler_state": self.scaler.state_dict() if self.scaler else None,
+            "processes": self.processes.count, "batch_norm": self.batch_norm(),
         }
+        if self.processes.parallel:
+            checkpoint["process_states"] = states
         atomic_save(checkpoint, self.checkpoint_path)
         write_log(self.out / LOG_NAME, run.history)
         self.saved_iteration = run.iteration
@@ -294,7 +341,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
           compile: bool = False, cuda_graph: bool = True, precision: str = "auto",
-          stop: StopRequest | None = None, cbs: list | None = None) -> TrainResult:
+          stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
@@ -309,23 +356,31 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     :func:`~annotated_resnet.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
     SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
     checkpoint at the current batch.
+
+    In a process group (``torchrun``, :func:`annotated_resnet.distributed.start`) the run is
+    data-parallel: ``device`` is this process's, each process computes its slice of every
+    global batch of ``recipe.batch_size`` and DDP averages the gradients; ``sync_batchnorm``
+    (GPUs) normalises with the whole global batch's statistics instead of each slice's.
     """
     device = choose_device(device)
     precision = choose_precision(device, precision)
+    processes = distributed.current()
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
     checkpoint = checkpoint_to_resume(out, resume)
-    data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device)
-    trainer = _Trainer(model, data, recipe, seed, device, precision, out)
+    data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device, processes.rank, processes.count)
+    trainer = _Trainer(model, data, recipe, seed, device, precision, out, sync_batchnorm and processes.parallel)
     trainer.stop = stop or StopRequest()
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
+        check_same_processes(checkpoint, processes.count, trainer.batch_norm(), out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
     if checkpoint is not None:
         run = RunState(**checkpoint["run"])
         model.load_state_dict(checkpoint["model_state"])
-        trainer.train_batches.load_state(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        mine = checkpoint["process_states"][processes.rank] if processes.parallel else checkpoint
+        trainer.train_batches.load_state(mine["loader"])
+        torch.set_rng_state(mine["torch_rng"])
         trainer.saved_iteration = run.iteration
         trainer.precisions = precision_history(checkpoint.get("precision"), precision)
         if trainer.scaler and checkpoint.get("scaler_state"):
@@ -333,16 +388,21 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
-    step = StepCallback(graph=cuda_graph and device.type == "cuda", precision=precision, scaler=trainer.scaler)
+    step = StepCallback(graph=cuda_graph and device.type == "cuda", precision=precision, scaler=trainer.scaler,
+                        eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
     callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
-    net = torch.compile(model) if compile else model
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
+    net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
+    net = torch.compile(net) if compile else net
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
     fused = device.type == "cuda" or trainer.scaler is not None  # fp16's scaler needs the fused update
+    metric = ShardedErrorRate(device) if processes.parallel else error_rate
     learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe, fused=fused),
-                    lr=recipe.lr, metrics=error_rate, cbs=callbacks + list(cbs or []))
+                    lr=recipe.lr, metrics=metric, cbs=callbacks + list(cbs or []))
     learn.recorder.smooth_loss = DeviceSmoothLoss()
     learn.remove_cb(learn.progress)
-    if progress:
+    if progress and processes.first:
         learn.add_cb(LazyProgress())
     else:
         learn.logger = lambda *args: None
@@ -362,5 +422,10 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
                 learn.fit(epochs)
     except NonFiniteLossError:
         raise NonFiniteLossError(recorder.failure) from None  # without fastai's wrapping of the message
+    except RuntimeError as error:
+        lost = processes.parallel and distributed.peer_lost(error, processes, run.iteration, trainer.kept())
+        if lost:
+            raise lost from None
+        raise
     model.eval()
     return TrainResult(model, run.history, recipe, trainer.mean, trainer.out, recorder.stopped)
