@@ -22,6 +22,13 @@ DATA_SEED = 0
 AUGMENT_SEED_STRIDE = 1_000
 
 
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """A data-parallel run's global mini-batch must divide evenly among its processes."""
+    if batch_size % processes:
+        raise ValueError(f"a global batch of {batch_size} does not divide among {processes} processes; choose a batch "
+                         f"size that is a multiple of {processes} (the paper: 128, 64 per GPU on two GPUs)")
+
+
 class DeviceBatches:
     """(images, labels) batches from uint8 images kept on the training device.
 
@@ -45,9 +52,8 @@ class DeviceBatches:
             raise ValueError(f"only {len(labels)} training images for batches of {batch_size}: "
                              "use a smaller batch size or more images")
         self.images, self.labels = to_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
-        if train and batch_size % processes:
-            raise ValueError(f"a global batch of {batch_size} does not divide among {processes} processes; choose a "
-                             f"batch size that is a multiple of {processes} (the paper: 128, 64 per GPU on two)")
+        if train:
+            check_batch_size(batch_size, processes)
         self.batch_size, self.mean, self.train, self.seed = batch_size, mean, train, seed
         self.rank, self.processes = rank, processes
         self.slice_size = batch_size // processes  # this process's images of each global batch

@@ -71,6 +71,10 @@ from .step import TrainingStep, autocast, choose_device, choose_precision, grad_
 #: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
 #: checkpoint); reading it every step would make the host wait for the GPU at every step.
 CHECK_EVERY = 100
+#: The same for data-parallel runs, where the check also shares stop requests
+#: (:func:`~annotated_resnet.distributed.agree`): soon enough for torchrun, which waits 30 s
+#: after passing on a SIGTERM or Ctrl-C before it kills the processes.
+PARALLEL_CHECK_EVERY = 20
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -160,7 +164,8 @@ class RunRecorder(Callback):
 
     def __init__(self, run: RunState, trainer: _Trainer):
         self.run, self.trainer = run, trainer
-        self.check_every = 1 if trainer.device.type == "cpu" else CHECK_EVERY
+        self.check_every = (1 if trainer.device.type == "cpu" else
+                            PARALLEL_CHECK_EVERY if trainer.processes.parallel else CHECK_EVERY)
         self.stop = trainer.stop
         self.stopped: str | None = None
         self.failure: str | None = None
