@@ -223,7 +223,9 @@ def peer_lost(error: RuntimeError, processes: Processes, iteration: int, kept: s
     text = str(error)
     if not (isinstance(error, dist.DistError) or "gloo" in text or "NCCL" in text or "Connection" in text):
         return None
-    first_line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    # the backend's own line (fastai puts a line naming the callback before it)
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("Exception occured in")]
+    first_line = lines[0] if lines else type(error).__name__
     return PeerLostError(
         f"process {processes.rank} of {processes.count} stopped at iteration {iteration}: another process has died or "
         f"stopped answering (a collective operation failed: {first_line[:300]}). Its own output, or torchrun's "
