@@ -267,7 +267,7 @@ def run_train(args, argv: list[str]) -> int:
     device = start_processes(args, argv)
     processes = distributed.current()
     say = print if processes.first else lambda *a, **k: None
-    cifar = load_cifar10(args.data)
+    cifar = distributed.first_on_each_machine(lambda: load_cifar10(args.data))
     torch.manual_seed(args.seed)  # the initialisation is part of the run's seed
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
     precision = choose_precision(device, args.precision)

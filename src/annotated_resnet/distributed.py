@@ -135,6 +135,20 @@ def finish() -> None:
         dist.destroy_process_group()
 
 
+def first_on_each_machine(load):
+    """``load()`` in the first process of each machine, then in the others: the first
+    downloads and caches the data set, the others read what it left."""
+    if not current().parallel:
+        return load()
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    try:
+        if first:
+            return load()
+    finally:
+        dist.barrier()  # also after a failure, so the others go on to meet the same error
+    return load()
+
+
 def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -> nn.Module:
     """``model`` in DistributedDataParallel, which starts every process from the first's
     weights and averages the gradients of every backward pass; ``sync_batchnorm`` normalises
