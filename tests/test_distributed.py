@@ -10,6 +10,7 @@ ResNet-20 at width 4 on 100 tiny images, a global batch of 20 (10 per process), 
 """
 
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import traceback
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401 - DDP imports it when first built: once here, not in every forked process
 import torch.distributed as dist
 from fastai.callback.core import Callback
 from torch import nn
@@ -29,8 +31,6 @@ from annotated_resnet.checkpoints import check_same_processes, load_checkpoint
 from annotated_resnet.data import augment, load_cifar10, normalize, pixel_mean, to_tensor
 from annotated_resnet.model import create_model
 from annotated_resnet.recipe import sgd
-from annotated_resnet.train import train
-import multiprocessing
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

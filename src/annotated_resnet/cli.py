@@ -275,7 +275,9 @@ def run_train(args, argv: list[str]) -> int:
     if processes.parallel:
         say(f"processes: {processes.count} ({os.environ.get('LOCAL_WORLD_SIZE', processes.count)} on this machine), "
             f"{recipe.batch_size // processes.count} images each of every batch of {recipe.batch_size}; batch norm "
-            f"{'synchronised' if args.sync_batchnorm else 'per process'}", flush=True)
+            f"{'synchronised' if args.sync_batchnorm else 'per process'}; training step "
+            f"{'CUDA-graphed' if device.type == 'cuda' and not args.no_cuda_graph and distributed.graph_allowed() else 'eager'}",
+            flush=True)
     try:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, progress=not args.no_progress,

@@ -129,6 +129,12 @@ def start(device: str | None = None, backend: str | None = None, peer_timeout: f
     return device
 
 
+def graph_allowed() -> bool:
+    """Whether the training step may run as a CUDA graph: in one process, or with NCCL, whose
+    collectives a graph can capture (gloo's run on the host and cannot be captured)."""
+    return not current().parallel or dist.get_backend() == "nccl"
+
+
 def finish() -> None:
     """Leave the process group, if this process is in one."""
     if dist.is_available() and dist.is_initialized():

@@ -277,7 +277,8 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
-    step = StepCallback(graph=cuda_graph and device.type == "cuda", precision=precision, scaler=trainer.scaler,
+    graph = cuda_graph and device.type == "cuda" and distributed.graph_allowed()
+    step = StepCallback(graph=graph, precision=precision, scaler=trainer.scaler,
                         eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
     callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
     if device.type == "cuda":
