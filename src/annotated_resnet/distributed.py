@@ -24,6 +24,11 @@ run of the paper's recipe needs besides the gradients:
 * **Failures.** A collective operation fails when another process has died (gloo and NCCL see
   the closed connection) or has not answered within the process group's timeout
   (``--peer-timeout``); :func:`peer_lost` turns that failure into a message that says so.
+
+fastai's own ``DistributedTrainer`` does not fit here: it feeds each process through a
+``DistributedDL``, which pads the last batch with repeated images and indexes a data set on
+the host, while our batches are built on the device and every test image must count once. So
+the run keeps fastai's ``Learner`` and wraps its model in DDP directly.
 """
 
 from __future__ import annotations
