@@ -26,9 +26,9 @@ run of the paper's recipe needs besides the gradients:
   (``--peer-timeout``); :func:`peer_lost` turns that failure into a message that says so.
 
 fastai's own ``DistributedTrainer`` does not fit here: it feeds each process through a
-``DistributedDL``, which pads the last batch with repeated images and indexes a data set on
-the host, while our batches are built on the device and every test image must count once. So
-the run keeps fastai's ``Learner`` and wraps its model in DDP directly.
+``DistributedDL``, which indexes a data set on the host and pads the processes' shares with
+repeated images to make them equal; our batches are built on the device, and the evaluation
+here needs no padding. So the run keeps fastai's ``Learner`` and wraps its model in DDP directly.
 """
 
 from __future__ import annotations
