@@ -27,7 +27,8 @@ from torch import nn
 
 from annotated_resnet import cli, distributed
 from annotated_resnet.batches import DeviceBatches, check_batch_size, share
-from annotated_resnet.checkpoints import check_same_processes, load_checkpoint
+from annotated_resnet.checkpoints import check_same_processes, load_checkpoint, model_from_checkpoint
+from annotated_resnet.evaluation import evaluate
 from annotated_resnet.data import augment, load_cifar10, normalize, pixel_mean, to_tensor
 from annotated_resnet.model import create_model
 from annotated_resnet.recipe import sgd
@@ -131,8 +132,9 @@ def cli_with(*cbs):
 
 
 class WeightsAgree(Callback):
-    """After every training step, compares this process's weights with the other's; counts
-    the steps and the largest difference seen into ``folder/agree<rank>.json``."""
+    """After every training step, compares this process's weights with the other's; writes
+    the steps, the largest difference seen and, at the end, the run's own test error (each
+    process counting its share) into ``folder/agree<rank>.json``."""
 
     order = 60
 
@@ -149,7 +151,8 @@ class WeightsAgree(Callback):
         self.largest = max(self.largest, (both[0] - both[1]).abs().max().item())
 
     def after_fit(self):
-        (self.folder / f"agree{dist.get_rank()}.json").write_text(json.dumps([self.steps, self.largest]))
+        test_error = self.learn.run_recorder.trainer.test_error()
+        (self.folder / f"agree{dist.get_rank()}.json").write_text(json.dumps([self.steps, self.largest, test_error]))
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +169,7 @@ def uninterrupted(tree, tmp_path_factory):
 
 def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
     for rank in (0, 1):
-        steps, largest = json.loads((uninterrupted / f"agree{rank}.json").read_text())
+        steps, largest, _ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
         assert steps == ITERATIONS and largest == 0.0
     assert "processes: 2" in output(uninterrupted, 0, "out")
     assert output(uninterrupted, 1, "out") == ""  # the second process trains silently
@@ -175,6 +178,18 @@ def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
     assert len(checkpoint["process_states"]) == 2
     log = [json.loads(line) for line in (uninterrupted / "run" / "log.jsonl").read_text().splitlines()]
     assert [record["processes"] for record in log] == [2] * 4
+
+
+def test_the_test_error_counts_every_test_image_once(tree, uninterrupted):
+    """Both ways the run counts it (fastai's validation pass, which gives the log's test error
+    without a validation split, and the run's own count, used with one) give, in both
+    processes, the error of the checkpoint on all 30 test images evaluated in one process."""
+    checkpoint, cifar = load_checkpoint(uninterrupted / "run"), load_cifar10(tree)
+    expected = evaluate(model_from_checkpoint(checkpoint), cifar.test_images, cifar.test_labels,
+                        mean=checkpoint["pixel_mean"])
+    assert checkpoint["run"]["history"][-1]["test_error"] == round(expected, 6)
+    for rank in (0, 1):
+        assert json.loads((uninterrupted / f"agree{rank}.json").read_text())[2] == pytest.approx(expected)
 
 
 def one_process_computation(tree, seed=0):
