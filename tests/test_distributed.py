@@ -134,7 +134,8 @@ def cli_with(*cbs):
 class WeightsAgree(Callback):
     """After every training step, compares this process's weights with the other's; writes
     the steps, the largest difference seen and, at the end, the run's own test error (each
-    process counting its share) into ``folder/agree<rank>.json``."""
+    process counting its share) and the pixel sums of the test images of its share into
+    ``folder/agree<rank>.json``."""
 
     order = 60
 
@@ -151,8 +152,10 @@ class WeightsAgree(Callback):
         self.largest = max(self.largest, (both[0] - both[1]).abs().max().item())
 
     def after_fit(self):
-        test_error = self.learn.run_recorder.trainer.test_error()
-        (self.folder / f"agree{dist.get_rank()}.json").write_text(json.dumps([self.steps, self.largest, test_error]))
+        trainer = self.learn.run_recorder.trainer
+        share = trainer.test_batches.images.flatten(1).sum(1).tolist()
+        result = [self.steps, self.largest, trainer.test_error(), share]
+        (self.folder / f"agree{dist.get_rank()}.json").write_text(json.dumps(result))
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +172,7 @@ def uninterrupted(tree, tmp_path_factory):
 
 def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
     for rank in (0, 1):
-        steps, largest, _ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
+        steps, largest, _, _ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
         assert steps == ITERATIONS and largest == 0.0
     assert "processes: 2" in output(uninterrupted, 0, "out")
     assert output(uninterrupted, 1, "out") == ""  # the second process trains silently
@@ -183,13 +186,18 @@ def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
 def test_the_test_error_counts_every_test_image_once(tree, uninterrupted):
     """Both ways the run counts it (fastai's validation pass, which gives the log's test error
     without a validation split, and the run's own count, used with one) give, in both
-    processes, the error of the checkpoint on all 30 test images evaluated in one process."""
+    processes, the error of the checkpoint on all 30 test images evaluated in one process; the
+    processes' shares (told apart by their images' pixel sums) are the 30 images, once each."""
     checkpoint, cifar = load_checkpoint(uninterrupted / "run"), load_cifar10(tree)
     expected = evaluate(model_from_checkpoint(checkpoint), cifar.test_images, cifar.test_labels,
                         mean=checkpoint["pixel_mean"])
     assert checkpoint["run"]["history"][-1]["test_error"] == round(expected, 6)
-    for rank in (0, 1):
-        assert json.loads((uninterrupted / f"agree{rank}.json").read_text())[2] == pytest.approx(expected)
+    shares = [json.loads((uninterrupted / f"agree{rank}.json").read_text())[2:] for rank in (0, 1)]
+    for test_error, _ in shares:
+        assert test_error == pytest.approx(expected)
+    sums = cifar.test_images.reshape(len(cifar.test_images), -1).sum(1)
+    assert sorted(shares[0][1] + shares[1][1]) == sorted(sums.tolist())
+    assert len(shares[0][1]) == len(shares[1][1]) == 15
 
 
 def one_process_computation(tree, seed=0):
