@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 import traceback
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,10 +152,21 @@ class WeightsAgree(Callback):
         self.steps += 1
         self.largest = max(self.largest, (both[0] - both[1]).abs().max().item())
 
+    @staticmethod
+    def sharded_error_rate():
+        """The validation metric, given 1 mistake in 3 images in process 0 and 3 in 5 in process 1."""
+        wrong, count = (1, 3) if dist.get_rank() == 0 else (3, 5)
+        pred = torch.zeros(count, 10)
+        pred[:wrong, 1] = 1.0  # predicts class 1 for the first `wrong` images, class 0 for the rest
+        metric = distributed.ShardedErrorRate(torch.device("cpu"))
+        metric.reset()
+        metric.accumulate(SimpleNamespace(pred=pred, yb=[torch.zeros(count, dtype=torch.int64)]))
+        return metric.value
+
     def after_fit(self):
         trainer = self.learn.run_recorder.trainer
         share = trainer.test_batches.images.flatten(1).sum(1).tolist()
-        result = [self.steps, self.largest, trainer.test_error(), share]
+        result = [self.steps, self.largest, trainer.test_error(), share, self.sharded_error_rate()]
         (self.folder / f"agree{dist.get_rank()}.json").write_text(json.dumps(result))
 
 
@@ -172,7 +184,7 @@ def uninterrupted(tree, tmp_path_factory):
 
 def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
     for rank in (0, 1):
-        steps, largest, _, _ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
+        steps, largest, *_ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
         assert steps == ITERATIONS and largest == 0.0
     assert "processes: 2" in output(uninterrupted, 0, "out")
     assert output(uninterrupted, 1, "out") == ""  # the second process trains silently
@@ -187,14 +199,16 @@ def test_the_test_error_counts_every_test_image_once(tree, uninterrupted):
     """Both ways the run counts it (fastai's validation pass, which gives the log's test error
     without a validation split, and the run's own count, used with one) give, in both
     processes, the error of the checkpoint on all 30 test images evaluated in one process; the
-    processes' shares (told apart by their images' pixel sums) are the 30 images, once each."""
+    processes' shares (told apart by their images' pixel sums) are the 30 images, once each. The
+    validation metric adds up the mistakes and images of both processes."""
     checkpoint, cifar = load_checkpoint(uninterrupted / "run"), load_cifar10(tree)
     expected = evaluate(model_from_checkpoint(checkpoint), cifar.test_images, cifar.test_labels,
                         mean=checkpoint["pixel_mean"])
     assert checkpoint["run"]["history"][-1]["test_error"] == round(expected, 6)
     shares = [json.loads((uninterrupted / f"agree{rank}.json").read_text())[2:] for rank in (0, 1)]
-    for test_error, _ in shares:
+    for test_error, _, metric in shares:
         assert test_error == pytest.approx(expected)
+        assert metric == 4 / 8  # (1 + 3) mistakes in (3 + 5) images
     sums = cifar.test_images.reshape(len(cifar.test_images), -1).sum(1)
     assert sorted(shares[0][1] + shares[1][1]) == sorted(sums.tolist())
     assert len(shares[0][1]) == len(shares[1][1]) == 15
