@@ -133,8 +133,9 @@ def cli_with(*cbs):
 
 
 class WeightsAgree(Callback):
-    """After every training step, compares this process's weights with the other's; writes
-    the steps, the largest difference seen and, at the end, the run's own test error (each
+    """After every training step, compares this process's weights with the other's (and after
+    every validation pass, the running statistics); writes the steps, the largest difference
+    seen and, at the end, the run's own test error (each
     process counting its share) and the pixel sums of the test images of its share into
     ``folder/agree<rank>.json``."""
 
@@ -144,13 +145,20 @@ class WeightsAgree(Callback):
         self.folder, self.steps, self.largest = folder, 0, 0.0
 
     def after_batch(self):
-        if not self.training:
-            return
-        mine = torch.cat([p.detach().flatten() for p in self.learn.model.parameters()])
+        if self.training:
+            self.steps += 1
+            self.largest = max(self.largest, self.difference(self.learn.model.parameters()))
+
+    def after_validate(self):
+        """The validation pass must have evaluated both shares with the same running statistics."""
+        self.largest = max(self.largest, self.difference(self.learn.model.buffers()))
+
+    @staticmethod
+    def difference(tensors) -> float:
+        mine = torch.cat([t.detach().float().flatten() for t in tensors])
         both = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(both, mine)
-        self.steps += 1
-        self.largest = max(self.largest, (both[0] - both[1]).abs().max().item())
+        return (both[0] - both[1]).abs().max().item()
 
     @staticmethod
     def sharded_error_rate():
@@ -183,6 +191,8 @@ def uninterrupted(tree, tmp_path_factory):
 
 
 def test_both_processes_hold_the_same_weights_after_every_step(uninterrupted):
+    """... and the same running statistics in every validation pass; the first process speaks
+    for the run, and its log and checkpoint say that two processes trained it."""
     for rank in (0, 1):
         steps, largest, *_ = json.loads((uninterrupted / f"agree{rank}.json").read_text())
         assert steps == ITERATIONS and largest == 0.0

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from fastai.callback.core import Callback
 from fastai.learner import Metric
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -212,6 +213,14 @@ def gather(state: dict) -> list[dict]:
     states = [None] * current().count
     dist.all_gather_object(states, state)
     return states
+
+
+class FirstProcessStatistics(Callback):
+    """Before fastai's validation pass, every process takes the first process's batch-norm
+    running statistics (:func:`sync_buffers`), so all shares are evaluated by one network."""
+
+    def before_validate(self):
+        sync_buffers(self.learn.model)
 
 
 class ShardedErrorRate(Metric):
