@@ -70,6 +70,7 @@ from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported:
 from .stopping import StopRequest, stop_on_signals
 from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, precision_history
 
+
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
     """:func:`~annotated_resnet.recipe.sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
     return OptimWrapper(opt=sgd(params, recipe, lr, fused=fused))
@@ -132,7 +133,8 @@ class PaperSchedule(Callback):
     def after_batch(self):
         if not self.training or self.run.warmed_up:
             return
-        batch_error = sum_over_processes((self.pred.argmax(1) != self.yb[0]).float().mean()).item() / distributed.current().count
+        batch_error = (self.pred.argmax(1) != self.yb[0]).float().mean()
+        batch_error = sum_over_processes(batch_error).item() / distributed.current().count  # the global batch's
         self.run.smoothed_error = 0.9 * self.run.smoothed_error + 0.1 * batch_error
         if self.run.smoothed_error < self.recipe.warmup_until_error:
             self.run.warmed_up = True
@@ -281,6 +283,8 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     step = StepCallback(graph=graph, precision=precision, scaler=trainer.scaler,
                         eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
     callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
+    if processes.parallel:
+        callbacks.append(distributed.FirstProcessStatistics())
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
     net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
