@@ -60,6 +60,7 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
         assert provenance["status"] == "finished" and provenance["torch"] == torch.__version__
         assert provenance["recipe"]["iterations"] == 10 and provenance["recipe"]["milestones"] == [5, 8]
         assert "CPU" in provenance["device"] and provenance["precision"] == "fp32"
+        assert provenance["processes"] == 1 and provenance["batch_norm"] == "per process"
         assert str(image_tree) in provenance["data"]["source"]
         assert provenance["training_set"] == "50 training images, no validation split"
         assert provenance["command"] == "annotated-resnet reproduce " + " ".join(job_args(image_tree, out))

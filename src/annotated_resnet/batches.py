@@ -17,6 +17,16 @@ from .data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_t
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
 DATA_SEED = 0
+#: Process ``rank`` of a data-parallel run seeds its augmentation with ``seed + 1 + stride * rank``:
+#: runs with seeds below the stride never share an augmentation stream.
+AUGMENT_SEED_STRIDE = 1_000
+
+
+def check_batch_size(batch_size: int, processes: int) -> None:
+    """A data-parallel run's global mini-batch must divide evenly among its processes."""
+    if batch_size % processes:
+        raise ValueError(f"a global batch of {batch_size} does not divide among {processes} processes; choose a batch "
+                         f"size that is a multiple of {processes} (the paper: 128, 64 per GPU on two GPUs)")
 
 
 class DeviceBatches:
@@ -26,17 +36,27 @@ class DeviceBatches:
     Sec. 4.2's augmentation per batch; for evaluation: the images in order, unaugmented.
     Both subtract the per-pixel ``mean``. The random order and the augmentation use their
     own generators, whose states a checkpoint stores, so a resumed run draws the same numbers.
+
+    Data-parallel training (:mod:`annotated_resnet.distributed`): every one of ``processes``
+    processes draws the same order (seeded by ``seed``) and takes its own contiguous slice,
+    ``batch_size / processes`` images, of each global batch of ``batch_size``, so the processes
+    together see every image of an epoch once; process ``rank`` augments its slice with its
+    own generator (seeded ``seed + 1 + AUGMENT_SEED_STRIDE * rank``).
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, mean: torch.Tensor,
-                 train: bool, seed: int = 0, device: str | torch.device = "cpu"):
+                 train: bool, seed: int = 0, device: str | torch.device = "cpu", rank: int = 0, processes: int = 1):
         if len(labels) != len(images):
             raise ValueError(f"{len(images)} images but {len(labels)} labels; give one label per image")
         if train and len(labels) < batch_size:
             raise ValueError(f"only {len(labels)} training images for batches of {batch_size}: "
                              "use a smaller batch size or more images")
         self.images, self.labels = to_tensor(images), torch.as_tensor(labels, dtype=torch.int64)
+        if train:
+            check_batch_size(batch_size, processes)
         self.batch_size, self.mean, self.train, self.seed = batch_size, mean, train, seed
+        self.rank, self.processes = rank, processes
+        self.slice_size = batch_size // processes  # this process's images of each global batch
         self.remaining = None  # training: iterations left in the run (the last epoch may be short)
         self.skip = 0  # training: batches of the coming epoch already done before a resume
         self.channels_last = False
@@ -52,7 +72,7 @@ class DeviceBatches:
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         self.mean = self.mean.to(self.device)
         self.order_generator = torch.Generator(self.device).manual_seed(self.seed)
-        self.augment_generator = torch.Generator(self.device).manual_seed(self.seed + 1)
+        self.augment_generator = torch.Generator(self.device).manual_seed(self.seed + 1 + AUGMENT_SEED_STRIDE * self.rank)
         self.epoch_order_state = self.order_generator.get_state()
         return self
 
@@ -77,6 +97,8 @@ class DeviceBatches:
         first, self.skip = (self.skip if self.train else 0), 0
         for b in range(first, first + count):
             index = order[b * self.batch_size:(b + 1) * self.batch_size]
+            if self.train and self.processes > 1:
+                index = index[self.rank * self.slice_size:(self.rank + 1) * self.slice_size]
             images = self.images[index]
             if self.train:
                 images = augment(images, generator=self.augment_generator)
@@ -104,10 +126,13 @@ class DeviceBatches:
 class RunData:
     """The batches of one run: training (seeded order and augmentation), validation (the 5k
     held out by a split, else the test images) and test, with the training images' per-pixel
-    mean; :attr:`description` is what a checkpoint records about them."""
+    mean; :attr:`description` is what a checkpoint records about them. In a data-parallel run,
+    process ``rank`` of ``processes`` takes its slice of every training batch and its own
+    contiguous share of the validation and test images (:func:`share`), which the processes'
+    error counts add up over: each evaluation image counted once, none added to even the shares."""
 
     def __init__(self, cifar: CIFAR10, recipe, train_per_class: int | None, test_per_class: int | None,
-                 seed: int, device: torch.device):
+                 seed: int, device: torch.device, rank: int = 0, processes: int = 1):
         images, labels = cifar.train_images, cifar.train_labels
         if recipe.validation:
             images, labels, val_images, val_labels = train_val_split(images, labels, recipe.validation, DATA_SEED)
@@ -117,11 +142,12 @@ class RunData:
         if test_per_class is not None:
             test_images, test_labels = balanced_subset(test_images, test_labels, test_per_class, DATA_SEED)
         self.mean = pixel_mean(images)
-        self.train = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device)
+        self.train = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device, rank, processes)
         eval_batch = max(recipe.batch_size, 5_000 if device.type == "cuda" else 1_000)
-        self.test = DeviceBatches(test_images, test_labels, eval_batch, self.mean, False, device=device)
-        self.valid = (DeviceBatches(val_images, val_labels, eval_batch, self.mean, False, device=device)
-                      if recipe.validation else self.test)
+        self.test = DeviceBatches(*share(test_images, test_labels, rank, processes), eval_batch, self.mean, False,
+                                  device=device)
+        self.valid = (DeviceBatches(*share(val_images, val_labels, rank, processes), eval_batch, self.mean, False,
+                                    device=device) if recipe.validation else self.test)
         self.description = {"source": cifar.source, "train_images": len(labels), "test_images": len(test_labels),
                             "validation_images": recipe.validation, "train_per_class": train_per_class,
                             "test_per_class": test_per_class, "data_seed": DATA_SEED}
@@ -130,3 +156,10 @@ class RunData:
         """Hand the network its batches in channels_last layout (faster convolutions on a GPU)."""
         for batches in (self.train, self.valid, self.test):
             batches.channels_last = True
+
+
+def share(images: np.ndarray, labels: np.ndarray, rank: int, processes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Process ``rank``'s contiguous share of evaluation images: the shares of all ``processes``
+    cover the images once, and differ in size by at most one image."""
+    begin, end = rank * len(labels) // processes, (rank + 1) * len(labels) // processes
+    return images[begin:end], labels[begin:end]

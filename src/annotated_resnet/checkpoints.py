@@ -113,3 +113,14 @@ def check_same_run(checkpoint: dict, now: dict, out) -> None:
     if changed:
         raise ValueError(f"the checkpoint in {str(out)!r} is another run ({'; '.join(changed)}); resume with "
                          "the settings it was started with, or choose another output folder")
+
+
+def check_same_processes(checkpoint: dict, processes: int, batch_norm: str, out) -> None:
+    """A data-parallel run resumes with as many processes as it had, and the same batch norm:
+    each process has its own augmentation stream, which the checkpoint continues."""
+    then = checkpoint.get("processes", 1), checkpoint.get("batch_norm", "per process")
+    if then != (processes, batch_norm):
+        raise ValueError(f"the checkpoint in {str(out)!r} was trained by {then[0]} process(es) with batch norm "
+                         f"{then[1]}; it resumes exactly only as it ran: start {then[0]} process(es) "
+                         f"(torchrun --nproc-per-node {then[0]}) with the same batch norm (--sync-batchnorm or not), "
+                         f"not {processes} with batch norm {batch_norm}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import shlex
 import signal
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
+from .batches import check_batch_size
 from .checkpoints import load_checkpoint, model_from_checkpoint
 from .data import load_cifar10
 from .engine import Run
@@ -33,6 +36,9 @@ examples:
   annotated-resnet train resnet20 --iterations 500      # the paper's schedule, stopped after 500
   annotated-resnet train resnet56 --out runs/resnet56 --resume
                                                         # continue a stopped run where it stopped
+  annotated-resnet train resnet110 --gpus 2             # as the paper: batch 128 on two GPUs (64 each)
+  torchrun --nproc-per-node 2 -m annotated_resnet.cli train resnet110
+                                                        # the same through torchrun (any torchrun options)
   annotated-resnet evaluate runs/resnet56/checkpoint.pt # test error of a checkpoint
   annotated-resnet reproduce fig6 table6 --out runs/paper --budget-minutes 9
                                                         # Fig. 6 and Table 6's nine runs side by side on a GPU;
@@ -93,6 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--train-per-class", type=positive_int, metavar="K", help="train on K images per class")
     train.add_argument("--test-per-class", type=positive_int, metavar="K", help="test on K images per class")
     train.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+    parallel = train.add_argument_group("data-parallel training (under torchrun, or --gpus)")
+    parallel.add_argument("--gpus", type=positive_int, metavar="N",
+                          help="train on N GPUs of this machine, one process each, started through torchrun; the "
+                               "global mini-batch stays --batch-size (paper: 128, 64 per GPU on two)")
+    parallel.add_argument("--backend", choices=("nccl", "gloo"),
+                          help="how the processes talk (default: nccl between GPUs, gloo between CPU processes)")
+    parallel.add_argument("--sync-batchnorm", action="store_true",
+                          help="normalise with the whole global batch's statistics (GPUs only; default: each "
+                               "process its own slice's, as two GPUs without synchronisation do)")
+    parallel.add_argument("--peer-timeout", type=positive_float, default=distributed.PEER_TIMEOUT, metavar="S",
+                          help="seconds a process waits for the others before it stops with an error "
+                               f"(default {distributed.PEER_TIMEOUT:g})")
 
     evaluate = commands.add_parser("evaluate", help="test error of a checkpoint", epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -224,32 +242,60 @@ def recipe_from_args(args) -> Recipe:
     return recipe.scaled(batch_size=args.batch_size, lr=args.lr)
 
 
-def run_train(args) -> int:
-    """``annotated-resnet train``: one run of the recipe; the exit status says how it ended."""
+def start_processes(args, argv: list[str]) -> torch.device:
+    """This process's device: under torchrun, after joining the other processes; ``--gpus N``
+    replaces this process with torchrun starting N of them."""
+    if args.gpus:
+        distributed.check_gpus(args.gpus)
+        command = distributed.torchrun_command(argv, args.gpus)
+        print(f"starting {args.gpus} processes: {shlex.join(command)}", flush=True)
+        os.execv(sys.executable, command)
+    if not distributed.launched_by_torchrun():
+        if args.sync_batchnorm or args.backend:
+            raise ValueError("--sync-batchnorm and --backend are for several processes: start them with --gpus N or "
+                             "torchrun --nproc-per-node N -m annotated_resnet.cli train ...")
+        return choose_device(args.device)
+    check_batch_size(recipe_from_args(args).batch_size, int(os.environ["WORLD_SIZE"]))
+    return distributed.start(args.device, args.backend, args.peer_timeout, cuda_graph=not args.no_cuda_graph)
+
+
+def run_train(args, argv: list[str]) -> int:
+    """``annotated-resnet train``: one run of the recipe; the exit status says how it ended.
+    Of several processes, the first prints the run's progress; each prints its own errors."""
     recipe = recipe_from_args(args)
     out = args.out or f"runs/{args.model}"
-    cifar = load_cifar10(args.data)
+    device = start_processes(args, argv)
+    processes = distributed.current()
+    say = print if processes.first else lambda *a, **k: None
+    cifar = distributed.first_on_each_machine(lambda: load_cifar10(args.data))
     torch.manual_seed(args.seed)  # the initialisation is part of the run's seed
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
-    precision = choose_precision(choose_device(args.device), args.precision)
-    print(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nprecision: {precision}\nrun folder: {out}", flush=True)
+    precision = choose_precision(device, args.precision)
+    say(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nprecision: {precision}\nrun folder: {out}", flush=True)
+    if processes.parallel:
+        say(f"processes: {processes.count} ({os.environ.get('LOCAL_WORLD_SIZE', processes.count)} on this machine), "
+            f"{recipe.batch_size // processes.count} images each of every batch of {recipe.batch_size}; batch norm "
+            f"{'synchronised' if args.sync_batchnorm else 'per process'}; training step "
+            f"{'CUDA-graphed' if device.type == 'cuda' and not args.no_cuda_graph and distributed.graph_allowed() else 'eager'}",
+            flush=True)
     try:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, progress=not args.no_progress,
-                       out=out, resume=args.resume, device=args.device, compile=args.compile,
-                       cuda_graph=not args.no_cuda_graph, precision=precision,
-                       cbs=[EpochPrinter()] if args.no_progress else None)
-    except NonFiniteLossError as error:
-        print(f"error: {error}", file=sys.stderr)
+                       out=out, resume=args.resume, device=device, compile=args.compile,
+                       cuda_graph=not args.no_cuda_graph, precision=precision, sync_batchnorm=args.sync_batchnorm,
+                       cbs=[EpochPrinter()] if args.no_progress and processes.first else None)
+    except (NonFiniteLossError, distributed.PeerLostError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
+    distributed.finish()
     if result.stopped:
-        signum = signal.Signals[result.stopped.split()[0]]
-        print(f"stopped by {result.stopped}; checkpoint saved in {out}. Continue with: "
-              f"annotated-resnet train {args.model} --out {out} --resume", flush=True)
-        return 128 + signum
+        again = (f"the same command with --resume ({processes.count} processes)" if processes.parallel else
+                 f"annotated-resnet train {args.model} --out {out} --resume")
+        say(f"stopped by {result.stopped}; checkpoint saved in {out}. Continue with: {again}", flush=True)
+        return 128 + signal.Signals[result.stopped.split()[0]]
     last = result.history[-1] if result.history else None
     if last:
-        print(f"done: {last['iteration']:,} iterations, test error {last['test_error']:.2%}; log and checkpoint in {out}")
+        say(f"done: {last['iteration']:,} iterations, test error {last['test_error']:.2%}; log and checkpoint in {out}")
     return 0
 
 
@@ -270,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "reproduce":
             return run_reproduce(args, argv)
-        return run_train(args) if args.command == "train" else run_evaluate(args)
+        return run_train(args, argv) if args.command == "train" else run_evaluate(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -24,6 +24,14 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
             raise ValueError("evaluate(model, images, labels, mean=...) needs the labels and the per-pixel "
                              "training mean (TrainResult.mean, or data.pixel_mean(train_images))")
         batches = DeviceBatches(images, labels, batch_size, mean, train=False, device=device)
+    return count_mistakes(model, batches, precision).item() / len(batches.labels)
+
+
+@torch.no_grad()
+def count_mistakes(model: nn.Module, batches: DeviceBatches, precision: str = "auto") -> torch.Tensor:
+    """How many of ``batches``' images ``model`` (in eval mode) classifies wrongly, as a float
+    tensor on the model's device (processes that share out the test images add their counts)."""
+    device = next(model.parameters()).device
     _check_labels(batches.labels, model)
     was_training = model.training
     model.eval()
@@ -32,7 +40,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
         for x, y in batches:
             wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
-    return wrong.item() / len(batches.labels)
+    return wrong
 
 
 def _check_labels(labels: torch.Tensor, model: nn.Module) -> None:

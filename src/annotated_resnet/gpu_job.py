@@ -11,13 +11,15 @@ The reference-run format (one folder per run; what :func:`load_reference_run` re
 
     <run>/log.jsonl         one JSON object per epoch: epoch, iteration, train_loss,
                             train_error, val_error (null without a split), test_error, lr,
-                            seconds (wall-clock since the start of training)
+                            seconds (wall-clock since the start of training), and
+                            processes in a data-parallel run
     <run>/weights-fp16.pt   the model's state_dict, floating tensors in fp16
                             (``torch.load(..., weights_only=True)``; build the model with
                             ``cifar_resnet(**provenance["model"])``)
     <run>/provenance.json   where the numbers come from: GPU, torch version, data source,
                             training set (and split), command, git commit, date, recipe
-                            (with its scaling), precision, status
+                            (with its scaling), precision, status, the number of processes
+                            that trained it and their batch norm (per process or synchronised)
 
 The job also leaves ``checkpoint.pt`` (to resume) in each run folder; it is not part of the format.
 """
@@ -147,6 +149,7 @@ def write_results(folder: Path, name: str, source: str, command: str, device: st
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "recipe": {**dataclasses.asdict(recipe), "description": recipe.describe()},
         "model": checkpoint["model"], "seed": checkpoint["seed"],
+        "processes": checkpoint.get("processes", 1), "batch_norm": checkpoint.get("batch_norm", "per process"),
         "job_wall_seconds": round(wall_seconds, 1),
     }
     tmp = folder / f".{PROVENANCE_NAME}.tmp"

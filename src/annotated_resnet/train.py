@@ -7,17 +7,20 @@ and the test error in :mod:`annotated_resnet.evaluation`. This module puts them 
 
 What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
 metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU, and
-:class:`ValidationAutocast` runs the validation pass in the run's precision. Three callbacks add what the paper's recipe, a long run and a fast GPU need:
-:class:`PaperSchedule` (the iteration-based learning rate and the warm-up), :class:`StepCallback`
-(each training step as one :class:`~annotated_resnet.step.TrainingStep`, replayed as a CUDA
-graph on a GPU) and :class:`RunRecorder` (per-epoch JSON-lines log, atomic checkpoints with
-every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
-(:mod:`annotated_resnet.stopping`), stop on a non-finite loss).
+:class:`ValidationAutocast` runs the validation pass in the run's precision. Three callbacks
+add what the paper's recipe, a long run and a fast GPU need: :class:`PaperSchedule` (the
+iteration-based learning rate and the warm-up), :class:`StepCallback` (each training step as
+one :class:`~annotated_resnet.step.TrainingStep`, replayed as a CUDA graph on a GPU) and
+:class:`~annotated_resnet.recorder.RunRecorder` (per-epoch JSON-lines log, atomic checkpoints
+with every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
+(:mod:`annotated_resnet.stopping`), stop on a non-finite loss). Under ``torchrun`` the same
+run is data-parallel over several processes (:mod:`annotated_resnet.distributed`).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
-host reads them only at an epoch's end, every :data:`CHECK_EVERY` steps, when the progress
-bar redraws and (during the 110-layer warm-up only) after every step, so the host can queue
-the next steps while the GPU runs this one.
+host reads them only at an epoch's end, every
+:data:`~annotated_resnet.recorder.CHECK_EVERY` steps, when the progress bar redraws and
+(during the 110-layer warm-up only) after every step, so the host can queue the next steps
+while the GPU runs this one.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +38,7 @@ import torch
 # fastai's import scripts a function with torch.jit, which recent torch versions flag as deprecated
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback, CancelBatchException, CancelFitException
+from fastai.callback.core import Callback, CancelBatchException
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import error_rate
@@ -50,23 +52,23 @@ from .checkpoints import (
     LOG_NAME,
     RunState,
     atomic_save,
+    check_same_processes,
     check_same_run,
     checkpoint_to_resume,
     describe_model,
     write_log,
 )
+from . import distributed
 from .data import CIFAR10
-from .evaluation import evaluate
+from .distributed import ShardedErrorRate, sum_over_processes
+from .evaluation import count_mistakes, evaluate  # noqa: F401 - evaluate re-exported: the notebooks import it from here
 from .model import create_model
 from .progress import DeviceSmoothLoss, LazyProgress
+from .recorder import NonFiniteLossError, RunRecorder
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
 from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, precision_history
-
-#: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
-#: checkpoint); reading it every step would make the host wait for the GPU at every step.
-CHECK_EVERY = 100
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -85,13 +87,13 @@ class StepCallback(Callback):
 
     order = 8  # after PaperSchedule (5) has set the learning rate
 
-    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None):
-        self.graph, self.precision, self.scaler = graph, precision, scaler
+    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None, eager_steps: int = 3):
+        self.graph, self.precision, self.scaler, self.eager_steps = graph, precision, scaler, eager_steps
 
     def before_fit(self):
         device = next(self.model.parameters()).device
         self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph,
-                                          precision=self.precision, scaler=self.scaler)
+                                          eager_steps=self.eager_steps, precision=self.precision, scaler=self.scaler)
 
     def before_batch(self):
         if not self.training:
@@ -131,104 +133,11 @@ class PaperSchedule(Callback):
     def after_batch(self):
         if not self.training or self.run.warmed_up:
             return
-        batch_error = (self.pred.argmax(1) != self.yb[0]).float().mean().item()
+        batch_error = (self.pred.argmax(1) != self.yb[0]).float().mean()
+        batch_error = sum_over_processes(batch_error).item() / distributed.current().count  # the global batch's
         self.run.smoothed_error = 0.9 * self.run.smoothed_error + 0.1 * batch_error
         if self.run.smoothed_error < self.recipe.warmup_until_error:
             self.run.warmed_up = True
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite."""
-
-
-class RunRecorder(Callback):
-    """Per-epoch statistics, the JSON-lines log, checkpoints, and the run's clean ends.
-
-    After every training batch it adds loss and error to running sums on the device and
-    honours a stop request by saving a checkpoint at that very batch. It stops the run on a
-    non-finite loss, keeping the last good checkpoint: on the CPU it looks after every batch,
-    on a GPU every :data:`CHECK_EVERY` batches and before every checkpoint. After every epoch
-    it evaluates the test set (and takes the validation error from fastai's validation pass),
-    appends a record to ``log.jsonl`` and writes the checkpoint.
-    """
-
-    order = 55  # after fastai's Recorder (50), which has the validation error by then
-
-    def __init__(self, run: RunState, trainer: _Trainer):
-        self.run, self.trainer = run, trainer
-        self.check_every = 1 if trainer.device.type == "cpu" else CHECK_EVERY
-        self.stop = trainer.stop
-        self.stopped: str | None = None
-        self.failure: str | None = None
-
-    def before_fit(self):
-        self.started = time.perf_counter() - self.run.seconds
-
-    def before_epoch(self):
-        self.loss_sum = torch.tensor(self.run.loss_sum, device=self.trainer.device)
-        self.error_sum = torch.tensor(self.run.error_sum, device=self.trainer.device)
-        self.checked_iteration = self.run.iteration
-
-    def after_batch(self):
-        if not self.training:
-            return
-        self.loss_sum += self.loss.detach().float() * len(self.yb[0])
-        self.error_sum += (self.pred.argmax(1) != self.yb[0]).sum()
-        self.run.iteration += 1
-        self.run.batches_in_epoch += 1
-        if self.run.iteration - self.checked_iteration >= self.check_every:
-            self.check_finite()
-        if self.stop.requested and self.run.iteration < self.trainer.recipe.iterations:
-            # (on the run's last batch the epoch's end comes next and saves the finished run)
-            self.check_finite()
-            self.trainer.save(self.run_state_now())
-            self.stopped = f"{self.stop.reason} at iteration {self.run.iteration}"
-            raise CancelFitException()
-
-    def check_finite(self):
-        """Stop the run if the loss of any step since the last check was NaN or infinite (the
-        running sum of the epoch's losses is then no longer finite)."""
-        if not torch.isfinite(self.loss_sum):
-            path = self.trainer.checkpoint_path
-            where = ("nothing is saved" if path is None else
-                     f"no checkpoint was written yet (the first is written after the first epoch)"
-                     if not path.exists() else
-                     f"the last good checkpoint, {path} (iteration {self.trainer.saved_iteration}), is kept")
-            first, last = self.checked_iteration + 1, self.run.iteration
-            when = f"iteration {last}" if first == last else f"one of iterations {first}-{last}"
-            self.failure = (
-                f"the training loss became {self.loss_sum.item()} at {when} (lr {self.opt.hypers[-1]['lr']:g}); "
-                f"the run stops and {where}. A smaller learning rate (--lr) or the warm-up of Sec. 4.2 "
-                "usually helps.")
-            raise NonFiniteLossError(self.failure)
-        self.checked_iteration = self.run.iteration
-
-    def run_state_now(self) -> RunState:
-        self.run.seconds = time.perf_counter() - self.started
-        self.run.loss_sum, self.run.error_sum = self.loss_sum.item(), self.error_sum.item()
-        return self.run
-
-    def after_epoch(self):
-        self.check_finite()
-        run = self.run_state_now()
-        images = max(1, run.batches_in_epoch * self.trainer.recipe.batch_size)
-        fastai_error = float(self.learn.final_record[-1])  # error_rate on dls.valid
-        has_split = self.trainer.has_validation
-        record = {
-            "epoch": run.epoch + 1,
-            "iteration": run.iteration,
-            "train_loss": round(run.loss_sum / images, 6),
-            "train_error": round(run.error_sum / images, 6),
-            "val_error": round(fastai_error, 6) if has_split else None,
-            "test_error": round(self.trainer.test_error() if has_split else fastai_error, 6),
-            "lr": float(f"{self.opt.hypers[-1]['lr']:.6g}"),
-            "seconds": round(time.perf_counter() - self.started, 3),
-        }
-        run.history.append(record)
-        run.seconds = record["seconds"]
-        run.epoch += 1
-        run.batches_in_epoch, run.loss_sum, run.error_sum = 0, 0.0, 0.0
-        self.trainer.save(run)
 
 
 # --- Training ---
@@ -251,8 +160,10 @@ class TrainResult:
 class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
-    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out):
+    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out,
+                 sync_batchnorm: bool = False):
         self.recipe, self.seed, self.device, self.precision = recipe, seed, device, precision
+        self.processes, self.sync_batchnorm = distributed.current(), sync_batchnorm
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
         self.saved_iteration = 0
@@ -269,22 +180,49 @@ class _Trainer:
                 "seed": self.seed, "data": self.data}
 
     def test_error(self) -> float:
-        """Error on the test images (the full test set, or its class-balanced subset)."""
-        return evaluate(self.model, self.test_batches, precision=self.precision)
+        """Error on the test images (the full test set, or its class-balanced subset); several
+        processes each count the mistakes on their share of the images, with the first's
+        batch-norm statistics, and add up their counts."""
+        distributed.sync_buffers(self.model)
+        counts = torch.stack([count_mistakes(self.model, self.test_batches, precision=self.precision),
+                              torch.tensor(float(len(self.test_batches.labels)), device=self.device)])
+        wrong, images = sum_over_processes(counts).tolist()
+        return wrong / images
+
+    def kept(self) -> str:
+        """Which checkpoint a run that fails now leaves, and how to go on from it."""
+        if self.checkpoint_path is None or not self.checkpoint_path.exists():
+            return "no checkpoint was written (the first is written after the first epoch)"
+        return (f"the last checkpoint, {self.checkpoint_path} (iteration {self.saved_iteration}), is kept: "
+                "continue with the same command and --resume")
+
+    def batch_norm(self) -> str:
+        """Whose statistics batch norm normalises with, for the checkpoint."""
+        return "synchronised over the processes" if self.sync_batchnorm else "per process"
 
     def save(self, run: RunState) -> None:
         """Write the checkpoint atomically: a temporary file in the run folder, then
-        ``os.replace``, so the folder always holds a complete checkpoint."""
+        ``os.replace``, so the folder always holds a complete checkpoint. Of several processes,
+        the first writes it, with every process's loader and generator states."""
         if self.out is None:
             return
+        process_state = {"loader": self.train_batches.state(run.batches_in_epoch), "torch_rng": torch.get_rng_state()}
+        if self.processes.parallel:
+            distributed.sync_buffers(self.model)
+            states = distributed.gather(process_state)
+            if not self.processes.first:
+                self.saved_iteration = run.iteration
+                return
         checkpoint = {
             "format": CHECKPOINT_FORMAT, **self.identity(), "pixel_mean": self.mean.cpu(),
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
             "run": dataclasses.asdict(run),
-            "loader": self.train_batches.state(run.batches_in_epoch),
-            "torch_rng": torch.get_rng_state(), "precision": self.precisions,
+            **process_state, "precision": self.precisions,
             "scaler_state": self.scaler.state_dict() if self.scaler else None,
+            "processes": self.processes.count, "batch_norm": self.batch_norm(),
         }
+        if self.processes.parallel:
+            checkpoint["process_states"] = states
         atomic_save(checkpoint, self.checkpoint_path)
         write_log(self.out / LOG_NAME, run.history)
         self.saved_iteration = run.iteration
@@ -294,7 +232,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
           compile: bool = False, cuda_graph: bool = True, precision: str = "auto",
-          stop: StopRequest | None = None, cbs: list | None = None) -> TrainResult:
+          stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
@@ -309,23 +247,31 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     :func:`~annotated_resnet.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
     SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
     checkpoint at the current batch.
+
+    In a process group (``torchrun``, :func:`annotated_resnet.distributed.start`) the run is
+    data-parallel: ``device`` is this process's, each process computes its slice of every
+    global batch of ``recipe.batch_size`` and DDP averages the gradients; ``sync_batchnorm``
+    (GPUs) normalises with the whole global batch's statistics instead of each slice's.
     """
     device = choose_device(device)
     precision = choose_precision(device, precision)
+    processes = distributed.current()
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
     checkpoint = checkpoint_to_resume(out, resume)
-    data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device)
-    trainer = _Trainer(model, data, recipe, seed, device, precision, out)
+    data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device, processes.rank, processes.count)
+    trainer = _Trainer(model, data, recipe, seed, device, precision, out, sync_batchnorm and processes.parallel)
     trainer.stop = stop or StopRequest()
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
+        check_same_processes(checkpoint, processes.count, trainer.batch_norm(), out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
     if checkpoint is not None:
         run = RunState(**checkpoint["run"])
         model.load_state_dict(checkpoint["model_state"])
-        trainer.train_batches.load_state(checkpoint["loader"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        mine = checkpoint["process_states"][processes.rank] if processes.parallel else checkpoint
+        trainer.train_batches.load_state(mine["loader"])
+        torch.set_rng_state(mine["torch_rng"])
         trainer.saved_iteration = run.iteration
         trainer.precisions = precision_history(checkpoint.get("precision"), precision)
         if trainer.scaler and checkpoint.get("scaler_state"):
@@ -333,16 +279,24 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
-    step = StepCallback(graph=cuda_graph and device.type == "cuda", precision=precision, scaler=trainer.scaler)
+    graph = cuda_graph and device.type == "cuda" and distributed.graph_allowed()
+    step = StepCallback(graph=graph, precision=precision, scaler=trainer.scaler,
+                        eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
     callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
-    net = torch.compile(model) if compile else model
+    if processes.parallel:
+        callbacks.append(distributed.FirstProcessStatistics())
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
+    net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
+    net = torch.compile(net) if compile else net
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
     fused = device.type == "cuda" or trainer.scaler is not None  # fp16's scaler needs the fused update
+    metric = ShardedErrorRate(device) if processes.parallel else error_rate
     learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe, fused=fused),
-                    lr=recipe.lr, metrics=error_rate, cbs=callbacks + list(cbs or []))
+                    lr=recipe.lr, metrics=metric, cbs=callbacks + list(cbs or []))
     learn.recorder.smooth_loss = DeviceSmoothLoss()
     learn.remove_cb(learn.progress)
-    if progress:
+    if progress and processes.first:
         learn.add_cb(LazyProgress())
     else:
         learn.logger = lambda *args: None
@@ -362,5 +316,10 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
                 learn.fit(epochs)
     except NonFiniteLossError:
         raise NonFiniteLossError(recorder.failure) from None  # without fastai's wrapping of the message
+    except RuntimeError as error:
+        lost = processes.parallel and distributed.peer_lost(error, processes, run.iteration, trainer.kept())
+        if lost:
+            raise lost from None
+        raise
     model.eval()
     return TrainResult(model, run.history, recipe, trainer.mean, trainer.out, recorder.stopped)
