@@ -129,15 +129,16 @@ def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
         load_reference_run(tmp_path / "reference_runs" / "resnet56")
 
 
-@pytest.mark.parametrize("device, precisions, expected", [
-    ("cuda", "bf16", "bf16 autocast; channels_last, CUDA-graphed step"),
-    ("cuda", "fp16", "fp16 autocast with gradient scaling; channels_last, CUDA-graphed step"),
-    ("cuda", "bf16, then fp16", "bf16 autocast, then fp16 autocast with gradient scaling; channels_last, "
+@pytest.mark.parametrize("device, precisions, cuda_graph, expected", [
+    ("cuda", "bf16", True, "bf16 autocast; channels_last, CUDA-graphed step"),
+    ("cuda", "bf16", False, "bf16 autocast; channels_last, eager step"),
+    ("cuda", "fp16", True, "fp16 autocast with gradient scaling; channels_last, CUDA-graphed step"),
+    ("cuda", "bf16, then fp16", True, "bf16 autocast, then fp16 autocast with gradient scaling; channels_last, "
                                 "CUDA-graphed step"),
-    ("cpu", "fp32", "fp32"),
+    ("cpu", "fp32", True, "fp32"),
 ])
-def test_provenance_names_the_precision_a_run_trained_in(device, precisions, expected):
-    assert describe_precision(torch.device(device), precisions) == expected
+def test_provenance_names_the_precision_a_run_trained_in(device, precisions, cuda_graph, expected):
+    assert describe_precision(torch.device(device), precisions, cuda_graph) == expected
 
 
 def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path):

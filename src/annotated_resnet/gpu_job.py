@@ -127,12 +127,12 @@ def run_job(runs: list[Run], out: Path, data: str | None, budget_minutes: float 
         trained_now = not provenance.exists() or provenance.stat().st_mtime < (folder / CHECKPOINT_NAME).stat().st_mtime
         if statuses[run.name] == "finished" and trained_now:
             write_results(out / run.name, run.name, cifar.source, command, options.get("device"),
-                          time.monotonic() - started)
+                          time.monotonic() - started, cuda_graph=options.get("cuda_graph", True))
     return statuses
 
 
 def write_results(folder: Path, name: str, source: str, command: str, device: str | None,
-                  wall_seconds: float) -> None:
+                  wall_seconds: float, cuda_graph: bool = True) -> None:
     """``weights-fp16.pt`` and ``provenance.json`` of a finished run, from its checkpoint."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
     recipe = Recipe(**checkpoint["recipe"])
@@ -143,7 +143,7 @@ def write_results(folder: Path, name: str, source: str, command: str, device: st
         "run": name, "status": "finished", "iterations_done": checkpoint["run"]["iteration"],
         "final_test_error": history[-1]["test_error"] if history else None,
         "device": device_name(device), "torch": torch.__version__,
-        "precision": describe_precision(choose_device(device), checkpoint.get("precision", "fp32")),
+        "precision": describe_precision(choose_device(device), checkpoint.get("precision", "fp32"), cuda_graph),
         "data": {**checkpoint["data"], "source": source}, "training_set": training_set(checkpoint["data"]),
         "command": command, "git_commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -63,12 +63,15 @@ def autocast(device: torch.device, precision: str = "auto"):
     return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype else contextlib.nullcontext()
 
 
-def describe_precision(device: torch.device, precisions: str) -> str:
+def describe_precision(device: torch.device, precisions: str, cuda_graph: bool = True) -> str:
     """How a run computed, for its provenance: ``precisions`` is a precision, or several
-    joined by ", then " when a resumed run moved to other hardware."""
+    joined by ", then " when a resumed run moved to other hardware; ``cuda_graph`` says
+    whether a GPU run's step was graphed or eager."""
     words = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with gradient scaling"}
     described = ", then ".join(words[p] for p in precisions.split(", then "))
-    return described if device.type == "cpu" else f"{described}; channels_last, CUDA-graphed step"
+    if device.type == "cpu":
+        return described
+    return f"{described}; channels_last, {'CUDA-graphed' if cuda_graph else 'eager'} step"
 
 
 def precision_history(before: str | None, now: str) -> str:
