@@ -56,7 +56,7 @@ from annotated_resnet.analysis import longest_runs, runs_at_one_schedule, shippe
 from annotated_resnet.data import pixel_mean, train_val_split
 
 
-def make_run(root, folder, name, iterations, held_out, status="finished"):
+def make_run(root, folder, name, iterations, held_out, status="finished", command="annotated-resnet reproduce fig6"):
     """A run folder in the gpu_job format, for a tiny 8-layer net."""
     run = root / folder
     run.mkdir(parents=True)
@@ -74,7 +74,7 @@ def make_run(root, folder, name, iterations, held_out, status="finished"):
                  "train_images": 50_000 - held_out, "test_images": 10_000, "validation_images": held_out,
                  "data_seed": 0},
         "recipe": {"iterations": iterations, "batch_size": 128, "paper_iterations": 64_000},
-        "model": {"depth": depth, "shortcut": shortcut, "base_width": 16},
+        "model": {"depth": depth, "shortcut": shortcut, "base_width": 16}, "command": command,
     }
     (run / "provenance.json").write_text(json.dumps(provenance))
 
@@ -129,3 +129,27 @@ def test_the_package_ships_a_full_schedule_resnet20():
     full = longest_runs(runs)["resnet20"]
     assert full.full_schedule and full.final["iteration"] == 64_000
     assert all(run.held_out in (0, 5_000) for run in runs)
+
+
+@pytest.mark.parametrize("recorded, held_out, today", [
+    # made while the 45k/5k split was the default: the command does not say so; today it must
+    ("/opt/venv/bin/python3 -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --out /tmp/job",
+     5_000, "python -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --split"),
+    # made on all 50k with the old flag, which today's default makes unnecessary
+    ("/usr/bin/python -m annotated_resnet.gpu_job --runs plain20 --no-split --out=/scratch/a --iterations 3000",
+     0, "python -m annotated_resnet.gpu_job --runs plain20 --iterations 3000"),
+    # made today, both ways
+    ("/home/u/.venv/bin/annotated-resnet reproduce fig6 table6 --out runs/paper --split", 5_000,
+     "annotated-resnet reproduce fig6 table6 --split"),
+    ("annotated-resnet reproduce --runs 'resnet110@1' --data /d/cifar10.tar.gz", 0,
+     "annotated-resnet reproduce --runs resnet110@1 --data /d/cifar10.tar.gz"),
+])
+def test_command_today_repeats_the_run_with_todays_defaults(tmp_path, recorded, held_out, today):
+    make_run(tmp_path, "run", "resnet20", 3_000, held_out, command=recorded)
+    assert shipped_runs(tmp_path)[0].command_today() == today
+
+
+def test_command_today_refuses_a_command_the_package_did_not_write(tmp_path):
+    make_run(tmp_path, "run", "resnet20", 3_000, 0, command="python train_my_way.py")
+    with pytest.raises(ValueError, match="did not write"):
+        shipped_runs(tmp_path)[0].command_today()

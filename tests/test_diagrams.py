@@ -5,9 +5,11 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch.nn.functional as F
-from matplotlib.patches import Circle
+from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
+from matplotlib.transforms import Bbox
 from torch import nn
 
 from annotated_resnet import BasicBlock, Bottleneck
@@ -124,3 +126,21 @@ def test_a_block_that_cannot_be_drawn_says_why():
 
     with pytest.raises(ValueError, match="one input"):
         trace_block(TwoInputs())
+
+
+@pytest.mark.parametrize("block", [BasicBlock(64, 64), Bottleneck(256, 64)], ids=["building", "bottleneck"])
+def test_the_identity_line_goes_round_every_box(block):
+    """The identity shortcut is led from x to the "+" outside the boxes of the residual path:
+    no point of it falls inside a box (in Fig. 2 and 5 it runs beside them)."""
+    ax = draw_block(block)
+    boxes = [Bbox.from_bounds(p.get_x(), p.get_y(), p.get_width(), p.get_height())      # data coordinates
+             for p in ax.patches if isinstance(p, FancyBboxPatch)]
+    arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+    line = max(arrows, key=lambda p: p.get_path().get_extents().width)    # the others are short vertical arrows
+    assert boxes and line.get_path().get_extents().width > max(box.width for box in boxes) / 2
+    # the line in data coordinates: its curves flattened into segments, each sampled at 20 points
+    polygon = np.concatenate(line.get_path().to_polygons(closed_only=False))
+    points = [a + t * (b - a) for a, b in zip(polygon, polygon[1:]) for t in np.linspace(0, 1, 20)]
+    inside = [(x, y) for x, y in points for box in boxes if box.contains(x, y)]
+    assert not inside, f"the identity line crosses a box at {inside[:3]}"
+    plt.close(ax.figure)

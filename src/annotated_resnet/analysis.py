@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +147,34 @@ class ReferenceRun:
         """Schedule, training set, data, hardware and seed in one line."""
         return (f"{self.name}: {self.schedule()}; {self.training_set()}; {self.data()}; "
                 f"{self.provenance['device']}; seed {self.provenance['seed']}")
+
+    def command_today(self) -> str:
+        """The command that repeats this run with today's package, derived from the one its
+        provenance records: ``python -m annotated_resnet.gpu_job`` (or ``annotated-resnet
+        reproduce``) with the recorded options, less the machine's interpreter path and output
+        folder (``--out``; the default is ``runs/paper``), and with the training set said
+        explicitly: ``--split`` where the run held out 5,000 images (runs made while that was the
+        default do not say so), no ``--no-split`` (all 50k images is today's default). A
+        ``--data`` option stays; a copy of CIFAR-10 the run found through
+        ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the command
+        uses torchvision's CIFAR-10)."""
+        words = shlex.split(self.provenance["command"])
+        if "annotated_resnet.gpu_job" in words and words[words.index("annotated_resnet.gpu_job") - 1] == "-m":
+            start, program = words.index("annotated_resnet.gpu_job") + 1, ["python", "-m", "annotated_resnet.gpu_job"]
+        elif "reproduce" in words and Path(words[0]).name == "annotated-resnet":
+            start, program = words.index("reproduce") + 1, ["annotated-resnet", "reproduce"]
+        else:
+            raise ValueError(f"{self.name}: its provenance records a command this package did not write: "
+                             f"{self.provenance['command']!r}")
+        options, rest = [], iter(words[start:])
+        for word in rest:
+            if word == "--out":
+                next(rest, None)
+            elif not word.startswith("--out=") and word not in ("--split", "--no-split"):
+                options.append(word)
+        if self.held_out:
+            options.append("--split")
+        return shlex.join(program + options)
 
     def model(self, cifar=None, reestimate_images: int = 1000) -> ResNet:
         """The trained network (its fp16 weights loaded as float32), in eval mode.

@@ -173,7 +173,7 @@ def draw_block(block: nn.Module, ax=None, title: str | None = None, path_label: 
     Top to bottom: x with its width ("64-d"), the residual path (one box per weight layer,
     holding the convolution and the BN after it, and one per ReLU; the bracket on the left
     names the path F(x), or H(x) for a plain block), the "+" of Eq. 1 with the shortcut
-    coming in from x on the right (a curve labelled "x, identity", or a column of the
+    coming in from x on the right (a line with rounded corners, labelled "x, identity", or a column of the
     shortcut's own layers), the ReLU after the addition and the output width. Every box is
     labelled ``name: what it does`` from :func:`trace_block`. With ``ax=None`` a figure of
     the diagram's size is made; in an axes smaller than the diagram, the font shrinks until
@@ -295,10 +295,13 @@ def _draw(trace: BlockTrace, ax, title, path_label, fontsize) -> tuple[float, fl
                 top = place(box, sx, top - free, shortcut_w)
             ax.add_patch(FancyArrowPatch(path=Path([(sx, top), (sx, plus_y), (plus_radius, plus_y)]), **arrow))
             right = sx + shortcut_w / 2
-        else:                           # the identity: a curve from x to the "+", labelled x
-            reach = width / 2 + 4 * space   # a cubic curve's widest point is 3/4 of its control points'
-            curve = Path([(0, branch_y), (reach / 0.75, branch_y), (reach / 0.75, plus_y), (plus_radius, plus_y)],
-                         [Path.MOVETO, Path.CURVE4, Path.CURVE4, Path.CURVE4])
+        else:                           # the identity: x led round the boxes to the "+", labelled x
+            reach = width / 2 + 4 * space   # the line's right edge, clear of the widest box
+            r = min(3 * space, (branch_y - plus_y) / 3)      # rounded corners, turning only beside the boxes
+            curve = Path([(0, branch_y), (reach - r, branch_y), (reach, branch_y), (reach, branch_y - r),
+                          (reach, plus_y + r), (reach, plus_y), (reach - r, plus_y), (plus_radius, plus_y)],
+                         [Path.MOVETO, Path.LINETO, Path.CURVE3, Path.CURVE3,
+                          Path.LINETO, Path.CURVE3, Path.CURVE3, Path.LINETO])
             ax.add_patch(FancyArrowPatch(path=curve, **arrow))
             note, note_w, _ = text("x\nidentity", ha="left")
             note.set_position((reach + space, (branch_y + plus_y) / 2))
