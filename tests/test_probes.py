@@ -16,6 +16,7 @@ from annotated_resnet import count_parameters, create_model
 from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.probes import (
     ILSVRC_ENTRIES,
+    NET_COLORS,
     deepen_with_identity_layers,
     gradient_norms,
     identity_block,
@@ -282,6 +283,8 @@ def test_plots_draw_what_they_say():
     assert [p.get_markerfacecolor() == "white" for p in points] == [e not in ilsvrc_winners() for e in deep]
     assert [p.get_marker() for p in points] == ["s" if e.extra_data else "o" for e in deep]
     assert ax.get_xscale() == "log"
+    depths = sorted({e.depth for e in deep})
+    assert list(ax.get_xticks()) == depths and [t.get_text() for t in ax.get_xticklabels()] == [str(d) for d in depths]
     assert [line.get_ydata()[0] for line in shallow_lines] == [e.top5_error for e in ILSVRC_ENTRIES if e.depth is None]
     ax = plot_gradient_norms({"a": {"l1": 1.0, "l2": 2.0}})
     assert ax.get_yscale() == "log" and len(ax.lines) == 1
@@ -290,3 +293,15 @@ def test_plots_draw_what_they_say():
     axes = plot_error_curves({"20-layer": history, "56-layer": history})
     assert axes[0].get_ylabel() == "training error (%)" and axes[1].get_ylabel() == "test error (%)"
     assert list(axes[1].lines[0].get_ydata()) == [60.0, 50.0]
+
+
+def test_each_net_keeps_its_colour_in_every_plot():
+    ax = plot_gradient_norms({"plain56": {"l1": 1.0}, "ResNet-56": {"l1": 2.0}})
+    assert [line.get_color() for line in ax.lines[:2]] == [NET_COLORS["plain56"], NET_COLORS["resnet56"]]
+    ax = plot_gradient_norms({"plain56": {"l1": 1.0}}, colors={"plain56": "black"})
+    assert ax.lines[0].get_color() == "black"
+    history = [{"iteration": 10, "train_error": 0.5, "test_error": 0.6}]
+    axes = plot_error_curves({"plain-20": history, "56-layer": history}, colors={"56-layer": NET_COLORS["plain56"]})
+    for ax in axes:
+        assert [line.get_color() for line in ax.lines] == [NET_COLORS["plain20"], NET_COLORS["plain56"]]
+    assert len(set(NET_COLORS.values())) == len(NET_COLORS)

@@ -100,6 +100,9 @@ def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
     ax.plot([], [], "o", color="tab:blue", mfc="white", label="2nd place")
     ax.legend(fontsize=8, loc="center right")
     ax.set_xscale("log")
+    depths = sorted({e.depth for e in deep})
+    ax.set_xticks(depths, [str(d) for d in depths])          # ticks at the entries' own depths
+    ax.xaxis.set_minor_locator(plt.NullLocator())
     ax.set_xlim(min(e.depth for e in deep) * 0.7, max(e.depth for e in deep) * 2.5)
     ax.set_ylim(0, max(e.top5_error for e in entries) * 1.15)
     ax.set_xlabel("depth (weighted layers, log scale)")
@@ -228,14 +231,31 @@ def naive_init_(model: nn.Module, std: float = 0.01) -> nn.Module:
     return model
 
 
+#: One colour per CIFAR net, the same in every figure of notebooks 2 and 3: plain nets warm,
+#: ResNets cool.
+NET_COLORS = {"plain20": "tab:orange", "plain56": "tab:red", "resnet20": "tab:cyan", "resnet56": "tab:blue"}
+
+
+def net_color(label: str, colors: dict[str, str] | None = None) -> str | None:
+    """The colour of a line labelled ``label``: ``colors[label]`` if given, else the net's own
+    colour from :data:`NET_COLORS` when the label is a net's name ("plain56", "ResNet-56"),
+    else ``None`` (matplotlib's next colour)."""
+    if colors and label in colors:
+        return colors[label]
+    return NET_COLORS.get(label.lower().replace("-", ""))
+
+
 def plot_gradient_norms(norms_by_label: dict[str, dict[str, float]], ax=None, title: str = "",
                         ylabel: str = "gradient norm at init",
-                        xlabel: str = "layer (1 = first conv, last = classifier)"):
-    """One line per network: gradient norm (log scale) against layer index, input side left."""
+                        xlabel: str = "layer (1 = first conv, last = classifier)",
+                        colors: dict[str, str] | None = None):
+    """One line per network: gradient norm (log scale) against layer index, input side left.
+    A line takes its colour from ``colors`` or, for a net's name, from :data:`NET_COLORS`."""
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
     for label, norms in norms_by_label.items():
-        ax.semilogy(range(1, len(norms) + 1), list(norms.values()), marker=".", label=label)
+        ax.semilogy(range(1, len(norms) + 1), list(norms.values()), marker=".", label=label,
+                    color=net_color(label, colors))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -410,16 +430,18 @@ def deepen_with_identity_layers(shallow: ResNet, depth: int) -> ResNet:
 
 
 def plot_error_curves(histories: dict[str, list[dict]], axes=None, scale_note: str = "",
-                      thick: tuple[str, ...] = ()):
+                      thick: tuple[str, ...] = (), colors: dict[str, str] | None = None):
     """Fig. 1's layout: training error (%) on the left, test error (%) on the right, against
     iterations, one line per network. ``histories`` maps a label ("20-layer") to the
-    per-epoch history that :func:`annotated_resnet.train.train` returns."""
+    per-epoch history that :func:`annotated_resnet.train.train` returns; a line takes its
+    colour from ``colors`` or, for a net's name, from :data:`NET_COLORS`."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)
     for label, history in histories.items():
         iterations = [h["iteration"] for h in history]
         width = 2.5 if label in thick else 1.5
-        line, = axes[0].plot(iterations, [100 * h["train_error"] for h in history], lw=width, label=label)
+        line, = axes[0].plot(iterations, [100 * h["train_error"] for h in history], lw=width, label=label,
+                             color=net_color(label, colors))
         axes[1].plot(iterations, [100 * h["test_error"] for h in history], lw=width,
                      color=line.get_color(), label=label)
     for ax, what in zip(axes, ("training error (%)", "test error (%)")):
