@@ -14,19 +14,17 @@ from torch import nn
 
 from annotated_resnet import count_parameters, create_model
 from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
+from annotated_resnet.ilsvrc import ILSVRC_ENTRIES, ilsvrc_winners, plot_revolution_of_depth
 from annotated_resnet.probes import (
-    ILSVRC_ENTRIES,
     NET_COLORS,
     deepen_with_identity_layers,
     gradient_norms,
     identity_block,
-    ilsvrc_winners,
     load_trained,
     longest_common_length,
     naive_init_,
     plot_error_curves,
     plot_gradient_norms,
-    plot_revolution_of_depth,
     probe_batch,
     reestimate_batchnorm_,
     signal_stds,
