@@ -1,9 +1,9 @@
 """Several runs on one device, three ways, measured side by side in one invocation:
 
-1. one after another in one process (:func:`annotated_resnet.train.train` per run);
+1. one after another in one process (:func:`annotated_resnet.training.train.train` per run);
 2. as separate processes started together (``annotated-resnet train`` per run), as the GPU
    job did before the engine: without NVIDIA's MPS a GPU runs one process at a time;
-3. side by side in one process (:func:`annotated_resnet.engine.train_runs`: a thread and a
+3. side by side in one process (:func:`annotated_resnet.training.engine.train_runs`: a thread and a
    CUDA stream per run).
 
 Every run trains the same recipe (the paper's, shrunk to ``--iterations``) on one epoch's worth
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from annotated_resnet.checkpoints import CHECKPOINT_NAME
+from annotated_resnet.training.checkpoints import CHECKPOINT_NAME
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.engine import Run, train_runs
-from annotated_resnet.recipe import paper_recipe
-from annotated_resnet.step import choose_device, choose_precision
-from annotated_resnet.train import train
+from annotated_resnet.training.engine import Run, train_runs
+from annotated_resnet.training.recipe import paper_recipe
+from annotated_resnet.training.step import choose_device, choose_precision
+from annotated_resnet.training.train import train
 
 
 def one_after_another(runs, cifar, common) -> dict[str, float]:

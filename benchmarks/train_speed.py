@@ -1,6 +1,6 @@
 """Training speed, measured side by side in one process on one device.
 
-1. Ours: exactly what ``annotated_resnet.train.train`` does per training step. The uint8
+1. Ours: exactly what ``annotated_resnet.training.train.train`` does per training step. The uint8
    images live on the training device; each batch is shuffled, padded, cropped, flipped and
    mean-subtracted there (DeviceBatches); fastai's Learner runs the loop and our
    StepCallback runs the step (fp32 on the CPU; on a GPU channels_last, fused SGD, a CUDA
@@ -30,12 +30,12 @@ from torch import nn
 
 from annotated_resnet.data import CIFAR10, load_cifar10, pixel_mean
 from annotated_resnet.model import create_model
-from annotated_resnet.batches import DeviceBatches
-from annotated_resnet.recipe import paper_recipe, sgd
-from annotated_resnet.step import TrainingStep, choose_device, choose_precision, describe_precision
-from annotated_resnet.train import train
+from annotated_resnet.training.batches import DeviceBatches
+from annotated_resnet.training.recipe import paper_recipe, sgd
+from annotated_resnet.training.step import TrainingStep, choose_device, choose_precision, describe_precision
+from annotated_resnet.training.train import train
 
-from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.train quiets fastai's import
+from fastai.callback.core import Callback  # noqa: E402 - after annotated_resnet.training.train quiets fastai's import
 
 
 class UsualCIFAR10(torch.utils.data.Dataset):

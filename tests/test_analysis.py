@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from annotated_resnet import cifar_resnet, create_model
-from annotated_resnet.analysis import layer_response_std, three_by_three_responses
+from annotated_resnet.course.analysis import layer_response_std, three_by_three_responses
 
 
 @pytest.mark.parametrize("depth", [20, 56])
@@ -52,12 +52,12 @@ def test_rejects_unnormalized_images_and_other_models():
 
 import json
 
-from annotated_resnet.analysis import longest_runs, runs_at_one_schedule, shipped_runs
+from annotated_resnet.course.analysis import longest_runs, runs_at_one_schedule, shipped_runs
 from annotated_resnet.data import pixel_mean, train_val_split
 
 
 def make_run(root, folder, name, iterations, held_out, status="finished", command="annotated-resnet reproduce fig6"):
-    """A run folder in the gpu_job format, for a tiny 8-layer net."""
+    """A run folder in the reference-run format, for a tiny 8-layer net."""
     run = root / folder
     run.mkdir(parents=True)
     depth = 8
@@ -134,10 +134,10 @@ def test_the_package_ships_a_full_schedule_resnet20():
 @pytest.mark.parametrize("recorded, held_out, today", [
     # made while the 45k/5k split was the default: the command does not say so; today it must
     ("/opt/venv/bin/python3 -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --out /tmp/job",
-     5_000, "python -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --split"),
+     5_000, "annotated-resnet reproduce --runs resnet20 --budget-minutes 3.7 --split"),
     # made on all 50k with the old flag, which today's default makes unnecessary
     ("/usr/bin/python -m annotated_resnet.gpu_job --runs plain20 --no-split --out=/scratch/a --iterations 3000",
-     0, "python -m annotated_resnet.gpu_job --runs plain20 --iterations 3000"),
+     0, "annotated-resnet reproduce --runs plain20 --iterations 3000"),
     # made today, both ways
     ("/home/u/.venv/bin/annotated-resnet reproduce fig6 table6 --out runs/paper --split", 5_000,
      "annotated-resnet reproduce fig6 table6 --split"),

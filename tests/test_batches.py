@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from annotated_resnet.batches import DeviceBatches
+from annotated_resnet.training.batches import DeviceBatches
 
 
 def position_coded_images(count):

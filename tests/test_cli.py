@@ -12,7 +12,7 @@ import torch
 
 from annotated_resnet.cli import build_parser, main, recipe_from_args
 from annotated_resnet.data import SOURCE_VARIABLE
-from annotated_resnet.checkpoints import load_checkpoint
+from annotated_resnet.training.checkpoints import load_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

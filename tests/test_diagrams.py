@@ -13,7 +13,7 @@ from matplotlib.transforms import Bbox
 from torch import nn
 
 from annotated_resnet import BasicBlock, Bottleneck
-from annotated_resnet.diagrams import Layer, draw_block, draw_blocks, trace_block
+from annotated_resnet.course.diagrams import Layer, draw_block, draw_blocks, trace_block
 
 
 def drawn_text(ax):

@@ -26,13 +26,14 @@ import torch.distributed as dist
 from fastai.callback.core import Callback
 from torch import nn
 
-from annotated_resnet import cli, distributed
-from annotated_resnet.batches import DeviceBatches, check_batch_size, share
-from annotated_resnet.checkpoints import check_same_processes, load_checkpoint, model_from_checkpoint
-from annotated_resnet.evaluation import evaluate
+from annotated_resnet import cli
+from annotated_resnet.training import distributed
+from annotated_resnet.training.batches import DeviceBatches, check_batch_size, share
+from annotated_resnet.training.checkpoints import check_same_processes, load_checkpoint, model_from_checkpoint
+from annotated_resnet.training.evaluation import evaluate
 from annotated_resnet.data import augment, load_cifar10, normalize, pixel_mean, to_tensor
 from annotated_resnet.model import create_model
-from annotated_resnet.recipe import sgd
+from annotated_resnet.training.recipe import sgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from annotated_resnet.checkpoints import load_checkpoint
+from annotated_resnet.training.checkpoints import load_checkpoint
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.engine import Run, _Timing, estimate_seconds, train_runs
-from annotated_resnet.recipe import paper_recipe
+from annotated_resnet.training.engine import Run, _Timing, estimate_seconds, train_runs
+from annotated_resnet.training.recipe import paper_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +111,7 @@ class FakeRun:
 
 def test_the_timing_waits_for_every_run_to_settle_then_reports_once(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr("annotated_resnet.engine.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("annotated_resnet.training.engine.time.monotonic", lambda: clock[0])
     runs = [FakeRun("a", 1_000), FakeRun("b", 1_000)]
     reports = []
     timing = _Timing(runs, {"a": 1.0, "b": 2.0}, seconds=10, report=reports.append)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from annotated_resnet.data import normalize, pixel_mean, to_tensor
-from annotated_resnet.evaluation import evaluate
+from annotated_resnet.training.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,7 +6,7 @@ import torch
 from torchvision.transforms import v2
 
 from annotated_resnet import cifar_resnet
-from annotated_resnet.imagenet_recipe import (PAPER, TORCHVISION_REFERENCE, PCALighting, compare,
+from annotated_resnet.course.imagenet_recipe import (PAPER, TORCHVISION_REFERENCE, PCALighting, compare,
                                               multiscale_scores, paper_training_transform,
                                               rgb_principal_components, score_map, ten_crops)
 

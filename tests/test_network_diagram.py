@@ -11,7 +11,7 @@ import torchvision
 from matplotlib.patches import FancyArrowPatch
 
 from annotated_resnet import create_model
-from annotated_resnet.network_diagram import (CHANGES_DIMENSIONS_STYLE, draw_figure3, network_column)
+from annotated_resnet.course.network_diagram import (CHANGES_DIMENSIONS_STYLE, draw_figure3, network_column)
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ from torch import nn
 
 from annotated_resnet import count_parameters, create_model
 from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
-from annotated_resnet.ilsvrc import ILSVRC_ENTRIES, ilsvrc_winners, plot_revolution_of_depth
-from annotated_resnet.probes import (
+from annotated_resnet.course.ilsvrc import ILSVRC_ENTRIES, ilsvrc_winners, plot_revolution_of_depth
+from annotated_resnet.course.probes import (
     NET_COLORS,
+    activation_gradient_norms,
     deepen_with_identity_layers,
     gradient_norms,
     identity_block,
@@ -27,8 +28,10 @@ from annotated_resnet.probes import (
     plot_gradient_norms,
     probe_batch,
     reestimate_batchnorm_,
+    relative_gradients,
     signal_stds,
     spread,
+    weight_norms,
     weighted_layers,
     without_batchnorm,
 )
@@ -131,7 +134,7 @@ def test_probe_batch_is_the_same_every_time_and_mean_subtracted():
 
 
 def write_run(folder, name, model, data, iterations=30):
-    """A finished run in the reference-run format (what gpu_job writes)."""
+    """A finished run in the reference-run format (what `annotated-resnet reproduce` writes)."""
     folder.mkdir(parents=True)
     log = {"iteration": iterations, "train_error": 0.5, "test_error": 0.5}
     (folder / "log.jsonl").write_text(json.dumps(log) + "\n")
@@ -303,3 +306,37 @@ def test_each_net_keeps_its_colour_in_every_plot():
     for ax in axes:
         assert [line.get_color() for line in ax.lines] == [NET_COLORS["plain20"], NET_COLORS["plain56"]]
     assert len(set(NET_COLORS.values())) == len(NET_COLORS)
+
+
+def test_relative_gradient_is_gradient_over_weight_norm_and_scale_free_under_batchnorm():
+    torch.manual_seed(0)
+    model = create_model("plain20")
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    grads, weights = gradient_norms(model, images, labels), weight_norms(model)
+    relative = relative_gradients(model, images, labels)
+    assert list(relative) == list(grads) == list(weights)
+    for name in relative:
+        assert relative[name] == pytest.approx(grads[name] / weights[name])
+    conv = model.layer1[0].conv1                      # followed by BN: scaling W by 10 divides dL/dW by 10
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    scaled = gradient_norms(model, images, labels)
+    assert scaled["layer1.0.conv1"] == pytest.approx(grads["layer1.0.conv1"] / 10, rel=1e-3)
+
+
+def test_activation_gradient_norms_one_per_block_and_model_left_as_it_was():
+    torch.manual_seed(0)
+    model = create_model("resnet20").eval()
+    before = copy.deepcopy(model.state_dict())
+    images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
+    norms = activation_gradient_norms(model, images, labels)
+    assert list(norms) == ["stem"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
+    assert all(v > 0 for v in norms.values())
+    assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+    # the last block's value is the gradient with respect to its output, computed by hand
+    probe = copy.deepcopy(model).double().train()
+    features = probe.layer3(probe.layer2(probe.layer1(probe.relu(probe.bn1(probe.conv1(images.double()))))))
+    features.retain_grad()
+    torch.nn.functional.cross_entropy(probe.fc(features.mean(dim=(2, 3))), labels).backward()
+    assert norms["layer3.2"] == pytest.approx(features.grad.norm().item(), rel=1e-9)

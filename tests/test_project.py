@@ -57,3 +57,79 @@ def test_readme_badge_is_built_from_the_one_place_that_names_the_repository():
     colab = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(colab)
     assert colab.badge_source("01_abstract.ipynb") in (ROOT / "README.md").read_text()
+
+
+# --- The package's layout: networks, then training, then the shipped runs, then the course ---
+
+PACKAGE = ROOT / "src" / "annotated_resnet"
+PART_ORDER = ["networks", "training", "reference_runs", "course", "cli"]
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def part_of(module: str) -> str:
+    """Which part of the package a module belongs to (``annotated_resnet.training.step`` -> training)."""
+    inner = module.split(".")[1:]
+    if not inner or inner[0] in ("model", "architecture", "data"):
+        return "networks"
+    return inner[0]
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Every module of the package and the package modules it imports (at any depth of its code)."""
+    import ast
+
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    imports = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                if node.level:
+                    base = base[:len(base) - node.level + 1]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    full = f"{target}.{alias.name}"
+                    found.add(full if full in modules else target)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        imports[name] = {m for m in found if m in modules and m != name}
+    return imports
+
+
+def test_every_module_belongs_to_a_known_part():
+    assert {part_of(m) for m in package_imports()} == set(PART_ORDER)
+
+
+def test_no_module_imports_from_a_part_above_its_own():
+    rank = {part: i for i, part in enumerate(PART_ORDER)}
+    upward = [(m, t) for m, targets in package_imports().items() for t in targets
+              if rank[part_of(t)] > rank[part_of(m)]]
+    assert upward == []
+
+
+def test_the_package_has_no_import_circle():
+    imports = package_imports()
+    # a package's __init__ is imported by its own modules' import machinery, not by their code
+    graph = {m: {t for t in targets if not m.startswith(t + ".")} for m, targets in imports.items()}
+    finished, visiting = set(), []
+
+    def visit(module):
+        if module in visiting:
+            raise AssertionError("import circle: " + " -> ".join(visiting[visiting.index(module):] + [module]))
+        if module not in finished:
+            visiting.append(module)
+            for target in sorted(graph[module]):
+                visit(target)
+            visiting.pop()
+            finished.add(module)
+
+    for module in sorted(graph):
+        visit(module)

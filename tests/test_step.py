@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from annotated_resnet.batches import DeviceBatches
+from annotated_resnet.training.batches import DeviceBatches
 from annotated_resnet.data import pixel_mean
 from annotated_resnet.model import cifar_resnet
-from annotated_resnet.recipe import paper_recipe, sgd
-from annotated_resnet.step import TrainingStep, autocast, choose_precision, grad_scaler
+from annotated_resnet.training.recipe import paper_recipe, sgd
+from annotated_resnet.training.step import TrainingStep, autocast, choose_precision, grad_scaler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")

@@ -93,7 +93,8 @@ def test_the_notebooks_that_train_longer_on_a_gpu_are_those_with_slow_cells():
 
 
 def test_commands_variables_and_versions_are_the_projects():
-    from annotated_resnet import data, scale
+    from annotated_resnet import data
+    from annotated_resnet.course import scale
 
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     assert set(re.findall(r"`make (\w+)`", GUIDE)) <= targets and "`make lab`" in GUIDE

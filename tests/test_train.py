@@ -15,14 +15,14 @@ from fastai.learner import AvgSmoothLoss, Learner
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-from annotated_resnet.batches import DATA_SEED, DeviceBatches
-from annotated_resnet.checkpoints import load_checkpoint, model_from_checkpoint
+from annotated_resnet.training.batches import DATA_SEED, DeviceBatches
+from annotated_resnet.training.checkpoints import load_checkpoint, model_from_checkpoint
 from annotated_resnet.data import CIFAR10, CLASSES, normalize, pixel_mean, to_tensor, train_val_split
-from annotated_resnet.evaluation import evaluate
+from annotated_resnet.training.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
-from annotated_resnet.recipe import Recipe, paper_recipe, sgd
-from annotated_resnet.progress import DeviceSmoothLoss
-from annotated_resnet.train import NonFiniteLossError, StepCallback, train
+from annotated_resnet.training.recipe import Recipe, paper_recipe, sgd
+from annotated_resnet.training.progress import DeviceSmoothLoss
+from annotated_resnet.training.train import NonFiniteLossError, StepCallback, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

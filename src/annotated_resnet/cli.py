@@ -13,17 +13,17 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
-from .batches import check_batch_size
-from .checkpoints import load_checkpoint, model_from_checkpoint
 from .data import load_cifar10
-from .engine import Run
-from .gpu_job import run_job
-from .evaluation import evaluate
 from .model import create_model
-from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
-from .step import PRECISIONS, choose_device, choose_precision
-from .train import NonFiniteLossError, train
+from .training import distributed
+from .training.batches import check_batch_size
+from .training.checkpoints import load_checkpoint, model_from_checkpoint
+from .training.engine import Run
+from .training.evaluation import evaluate
+from .training.recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
+from .training.reproduce import run_job
+from .training.step import PRECISIONS, choose_device, choose_precision
+from .training.train import NonFiniteLossError, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after .train, which quiets fastai's import
 

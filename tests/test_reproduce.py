@@ -3,20 +3,17 @@ the reference-run files, resuming from its own checkpoints, the paper's sets, an
 reference-run loader."""
 
 import json
-import runpy
-import sys
-
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
-from annotated_resnet import gpu_job
+from annotated_resnet import reference_runs
 from annotated_resnet.cli import build_parser, main, runs_from_args
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.gpu_job import list_reference_runs, load_reference_run, longest_reference_run
+from annotated_resnet.reference_runs import list_reference_runs, load_reference_run, longest_reference_run
 from annotated_resnet.model import cifar_resnet
-from annotated_resnet.step import describe_precision
-from annotated_resnet.train import paper_recipe, train
+from annotated_resnet.training.step import describe_precision
+from annotated_resnet.training.train import paper_recipe, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,7 +37,6 @@ class StopAfterEpoch(Callback):
         raise CancelFitException()
 
 
-@pytest.mark.filterwarnings("ignore:'annotated_resnet.gpu_job' found in sys.modules")  # runpy in this process
 def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # the data cache goes to ./data
     out = tmp_path / "job"
@@ -71,13 +67,10 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
     # resnet20 continued from its checkpoint: its first epoch is the one trained before the job
     history, _, _ = load_reference_run(out / "resnet20")
     assert history[0] == partial.history[0]
-    # a rerun, here through the module's own entry point, finds both runs finished and trains nothing
+    # a rerun finds both runs finished and trains nothing
     files = ("checkpoint.pt", "provenance.json", "weights-fp16.pt")
     before = [(out / "plain20" / f).stat().st_mtime_ns for f in files]
-    monkeypatch.setattr(sys, "argv", ["gpu_job", *job_args(image_tree, out)])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_module("annotated_resnet.gpu_job", run_name="__main__")
-    assert exit_.value.code == 0
+    assert main(["reproduce", *job_args(image_tree, out)]) == 0
     assert "plain20: already finished" in capsys.readouterr().out
     assert [(out / "plain20" / f).stat().st_mtime_ns for f in files] == before
 
@@ -119,7 +112,7 @@ def test_a_folder_of_another_recipe_is_refused(image_tree, tmp_path, monkeypatch
 
 
 def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(gpu_job, "REFERENCE_RUNS", tmp_path / "reference_runs")
+    monkeypatch.setattr(reference_runs, "REFERENCE_RUNS", tmp_path / "reference_runs")
     assert list_reference_runs() == []
     with pytest.raises(FileNotFoundError, match="ships no reference runs"):
         load_reference_run("resnet56")
@@ -144,9 +137,9 @@ def test_provenance_names_the_precision_a_run_trained_in(device, precisions, cud
 def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path):
     def ship(folder, run, iterations, status="finished"):
         folder.mkdir(parents=True)
-        for name in (gpu_job.LOG_NAME, gpu_job.WEIGHTS_NAME):
+        for name in (reference_runs.LOG_NAME, reference_runs.WEIGHTS_NAME):
             (folder / name).write_text("")
-        (folder / gpu_job.PROVENANCE_NAME).write_text(json.dumps(
+        (folder / reference_runs.PROVENANCE_NAME).write_text(json.dumps(
             {"run": run, "status": status, "iterations_done": iterations}))
 
     ship(tmp_path / "resnet20", "resnet20", 3_000)

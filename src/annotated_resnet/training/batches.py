@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from .data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
+from ..data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
 
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
@@ -37,7 +37,7 @@ class DeviceBatches:
     Both subtract the per-pixel ``mean``. The random order and the augmentation use their
     own generators, whose states a checkpoint stores, so a resumed run draws the same numbers.
 
-    Data-parallel training (:mod:`annotated_resnet.distributed`): every one of ``processes``
+    Data-parallel training (:mod:`annotated_resnet.training.distributed`): every one of ``processes``
     processes draws the same order (seeded by ``seed``) and takes its own contiguous slice,
     ``batch_size / processes`` images, of each global batch of ``batch_size``, so the processes
     together see every image of an epoch once; process ``rank`` augments its slice with its

@@ -9,7 +9,7 @@ are close to zero, which is the paper's argument that identity is a good precond
 convolutions, on test images, in eval mode.
 
 The networks measured at full scale are the reference runs the package ships
-(:mod:`annotated_resnet.gpu_job`). :class:`ReferenceRun` says what each one was trained on —
+(:mod:`annotated_resnet.reference_runs`). :class:`ReferenceRun` says what each one was trained on —
 its schedule, its training set (the 45k/5k split that chose the paper's schedule, or all 50k
 images, as the paper's reported models) and its data — so that every number read from it
 can say where it came from; :func:`runs_at_one_schedule` picks runs that can be compared.
@@ -26,9 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import balanced_subset, pixel_mean, train_val_split
-from .gpu_job import PROVENANCE_NAME, REFERENCE_RUNS, load_reference_run
-from .model import BasicBlock, Bottleneck, ResNet, cifar_resnet
+from ..data import balanced_subset, pixel_mean, train_val_split
+from ..reference_runs import PROVENANCE_NAME, REFERENCE_RUNS, load_reference_run
+from ..model import BasicBlock, Bottleneck, ResNet, cifar_resnet
 from .probes import reestimate_batchnorm_
 
 
@@ -96,7 +96,7 @@ def layer_response_std(model: ResNet, images: torch.Tensor, batch_size: int = 50
 @dataclass
 class ReferenceRun:
     """A finished run of the paper's CIFAR-10 recipe shipped with the package (see
-    :mod:`annotated_resnet.gpu_job`): its per-epoch history, its provenance and its weights."""
+    :mod:`annotated_resnet.reference_runs`): its per-epoch history, its provenance and its weights."""
 
     folder: Path
     history: list[dict]
@@ -149,23 +149,23 @@ class ReferenceRun:
                 f"{self.provenance['device']}; seed {self.provenance['seed']}")
 
     def command_today(self) -> str:
-        """The command that repeats this run with today's package, derived from the one its
-        provenance records: ``python -m annotated_resnet.gpu_job`` (or ``annotated-resnet
-        reproduce``) with the recorded options, less the machine's interpreter path and output
-        folder (``--out``; the default is ``runs/paper``), and with the training set said
-        explicitly: ``--split`` where the run held out 5,000 images (runs made while that was the
-        default do not say so), no ``--no-split`` (all 50k images is today's default). A
+        """The command that repeats this run with today's package: ``annotated-resnet reproduce``
+        with the options its provenance records (older runs recorded the same job as
+        ``python -m annotated_resnet.gpu_job``), less the machine's output folder (``--out``; the
+        default is ``runs/paper``), and with the training set said explicitly: ``--split`` where
+        the run held out 5,000 images, no ``--no-split`` (all 50k images is the default). A
         ``--data`` option stays; a copy of CIFAR-10 the run found through
         ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the command
         uses torchvision's CIFAR-10)."""
         words = shlex.split(self.provenance["command"])
         if "annotated_resnet.gpu_job" in words and words[words.index("annotated_resnet.gpu_job") - 1] == "-m":
-            start, program = words.index("annotated_resnet.gpu_job") + 1, ["python", "-m", "annotated_resnet.gpu_job"]
+            start = words.index("annotated_resnet.gpu_job") + 1
         elif "reproduce" in words and Path(words[0]).name == "annotated-resnet":
-            start, program = words.index("reproduce") + 1, ["annotated-resnet", "reproduce"]
+            start = words.index("reproduce") + 1
         else:
             raise ValueError(f"{self.name}: its provenance records a command this package did not write: "
                              f"{self.provenance['command']!r}")
+        program = ["annotated-resnet", "reproduce"]
         options, rest = [], iter(words[start:])
         for word in rest:
             if word == "--out":
@@ -182,7 +182,7 @@ class ReferenceRun:
         fp16 holds numbers up to 65,504; a BN running variance above that is stored as infinity
         and silences its channel in eval mode. Where that happened, BN's running statistics are
         re-estimated from ``reestimate_images`` of the run's own training images, taken from
-        ``cifar`` (:func:`annotated_resnet.probes.reestimate_batchnorm_`); the learned weights
+        ``cifar`` (:func:`annotated_resnet.course.probes.reestimate_batchnorm_`); the learned weights
         stay as trained."""
         net = cifar_resnet(**self.provenance["model"])
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()})

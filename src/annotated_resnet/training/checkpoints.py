@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .model import ResNet, cifar_resnet
+from ..model import ResNet, cifar_resnet
 
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # the layout of the dict that checkpoint.pt holds
@@ -63,7 +63,7 @@ def write_log(path: Path, history: list[dict]) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    """A checkpoint written by :func:`annotated_resnet.train.train`, loaded with ``weights_only=True``."""
+    """A checkpoint written by :func:`annotated_resnet.training.train.train`, loaded with ``weights_only=True``."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME

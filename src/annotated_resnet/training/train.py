@@ -1,24 +1,24 @@
 """Training on CIFAR-10 with the paper's recipe (Sec. 4.2), driven by fastai's ``Learner``.
 
-The recipe's numbers are in :mod:`annotated_resnet.recipe`, the batches built on the device in
-:mod:`annotated_resnet.batches`, the training step (and its CUDA graph and precision) in
-:mod:`annotated_resnet.step`, checkpoint and log files in :mod:`annotated_resnet.checkpoints`
-and the test error in :mod:`annotated_resnet.evaluation`. This module puts them together.
+The recipe's numbers are in :mod:`annotated_resnet.training.recipe`, the batches built on the device in
+:mod:`annotated_resnet.training.batches`, the training step (and its CUDA graph and precision) in
+:mod:`annotated_resnet.training.step`, checkpoint and log files in :mod:`annotated_resnet.training.checkpoints`
+and the test error in :mod:`annotated_resnet.training.evaluation`. This module puts them together.
 
 What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
 metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU, and
 :class:`ValidationAutocast` runs the validation pass in the run's precision. Three callbacks
 add what the paper's recipe, a long run and a fast GPU need: :class:`PaperSchedule` (the
 iteration-based learning rate and the warm-up), :class:`StepCallback` (each training step as
-one :class:`~annotated_resnet.step.TrainingStep`, replayed as a CUDA graph on a GPU) and
-:class:`~annotated_resnet.recorder.RunRecorder` (per-epoch JSON-lines log, atomic checkpoints
+one :class:`~annotated_resnet.training.step.TrainingStep`, replayed as a CUDA graph on a GPU) and
+:class:`~annotated_resnet.training.recorder.RunRecorder` (per-epoch JSON-lines log, atomic checkpoints
 with every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
-(:mod:`annotated_resnet.stopping`), stop on a non-finite loss). Under ``torchrun`` the same
-run is data-parallel over several processes (:mod:`annotated_resnet.distributed`).
+(:mod:`annotated_resnet.training.stopping`), stop on a non-finite loss). Under ``torchrun`` the same
+run is data-parallel over several processes (:mod:`annotated_resnet.training.distributed`).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
 host reads them only at an epoch's end, every
-:data:`~annotated_resnet.recorder.CHECK_EVERY` steps, when the progress bar redraws and
+:data:`~annotated_resnet.training.recorder.CHECK_EVERY` steps, when the progress bar redraws and
 (during the 110-layer warm-up only) after every step, so the host can queue the next steps
 while the GPU runs this one.
 """
@@ -59,10 +59,10 @@ from .checkpoints import (
     write_log,
 )
 from . import distributed
-from .data import CIFAR10
+from ..data import CIFAR10
 from .distributed import ShardedErrorRate, sum_over_processes
 from .evaluation import count_mistakes, evaluate  # noqa: F401 - evaluate re-exported: the notebooks import it from here
-from .model import create_model
+from ..model import create_model
 from .progress import DeviceSmoothLoss, LazyProgress
 from .recorder import NonFiniteLossError, RunRecorder
 from .recipe import Recipe, sgd
@@ -72,7 +72,7 @@ from .step import TrainingStep, autocast, choose_device, choose_precision, grad_
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
-    """:func:`~annotated_resnet.recipe.sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
+    """:func:`~annotated_resnet.training.recipe.sgd` wrapped for fastai's ``Learner`` (its ``opt_func``)."""
     return OptimWrapper(opt=sgd(params, recipe, lr, fused=fused))
 
 
@@ -244,11 +244,11 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     CUDA device training uses channels_last and a CUDA-graphed step (``cuda_graph=False`` runs
     it eagerly), and ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
     GPUs with bf16 tensor cores, fp16 with gradient scaling on other CUDA GPUs, fp32 on the CPU:
-    :func:`~annotated_resnet.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
+    :func:`~annotated_resnet.training.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
     SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
     checkpoint at the current batch.
 
-    In a process group (``torchrun``, :func:`annotated_resnet.distributed.start`) the run is
+    In a process group (``torchrun``, :func:`annotated_resnet.training.distributed.start`) the run is
     data-parallel: ``device`` is this process's, each process computes its slice of every
     global batch of ``recipe.batch_size`` and DDP averages the gradients; ``sync_batchnorm``
     (GPUs) normalises with the whole global batch's statistics instead of each slice's.

@@ -1,6 +1,6 @@
 """Clean stops: a request to stop at the end of the current batch, from SIGTERM, Ctrl-C or a
 time budget. The run that sees it saves a checkpoint at that very batch and returns; the same
-command then resumes it (:func:`annotated_resnet.train.train`, :mod:`annotated_resnet.engine`)."""
+command then resumes it (:func:`annotated_resnet.training.train.train`, :mod:`annotated_resnet.training.engine`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The run's record: per-epoch statistics, the JSON-lines log, checkpoints, and the run's
 clean ends (a stop request, a non-finite loss), as one fastai callback of
-:func:`annotated_resnet.train.train`."""
+:func:`annotated_resnet.training.train.train`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .distributed import sum_over_processes
 #: checkpoint); reading it every step would make the host wait for the GPU at every step.
 CHECK_EVERY = 100
 #: The same for data-parallel runs, where the check also shares stop requests
-#: (:func:`~annotated_resnet.distributed.agree`): soon enough for torchrun, which waits 30 s
+#: (:func:`~annotated_resnet.training.distributed.agree`): soon enough for torchrun, which waits 30 s
 #: after passing on a SIGTERM or Ctrl-C before it kills the processes.
 PARALLEL_CHECK_EVERY = 20
 
@@ -80,7 +80,7 @@ class RunRecorder(Callback):
     def check_finite(self):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
         running sum of the epoch's losses is then no longer finite). Several processes check
-        together, and share a stop request (:func:`~annotated_resnet.distributed.agree`)."""
+        together, and share a stop request (:func:`~annotated_resnet.training.distributed.agree`)."""
         finite = bool(torch.isfinite(self.loss_sum))
         if self.trainer.processes.parallel:
             finite = distributed.agree(self.stop, finite, self.trainer.device)

@@ -15,7 +15,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
     """Error rate of ``model`` on uint8 ``images`` (N, 32, 32, 3) with ``labels``, after
     subtracting the per-pixel training ``mean`` (Sec. 4.2): the single original view of
     each test image, no augmentation. ``images`` may also be a :class:`DeviceBatches`.
-    ``precision``: as in training (:func:`~annotated_resnet.step.choose_precision`)."""
+    ``precision``: as in training (:func:`~annotated_resnet.training.step.choose_precision`)."""
     device = next(model.parameters()).device
     if isinstance(images, DeviceBatches):
         batches = images

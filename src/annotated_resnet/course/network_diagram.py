@@ -22,8 +22,8 @@ from matplotlib.path import Path
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .architecture import _one_image
-from .model import ResNet
+from ..architecture import _one_image
+from ..model import ResNet
 
 #: The layers Fig. 3 draws as boxes; everything else (BN, ReLU, dropout, flatten) is left out.
 DRAWN_LAYERS = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Linear)

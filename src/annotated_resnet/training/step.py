@@ -24,7 +24,7 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 #: One CUDA-graph capture at a time in this process: ``torch.cuda.graph`` synchronizes the
 #: device and empties the allocator's cache on entry, which must not happen while another
-#: run's thread (:mod:`annotated_resnet.engine`) is capturing.
+#: run's thread (:mod:`annotated_resnet.training.engine`) is capturing.
 _CAPTURE_LOCK = threading.Lock()
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS
+from ..model import CIFAR_DEPTHS, CIFAR_PLAIN_DEPTHS
 
 CIFAR_MODEL_NAMES = [f"resnet{d}" for d in CIFAR_DEPTHS] + [f"plain{d}" for d in CIFAR_PLAIN_DEPTHS]
 #: Training images held out by Sec. 4.2's 45k/5k split.

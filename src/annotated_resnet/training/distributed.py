@@ -8,7 +8,7 @@ while the backward pass runs. This module only chooses and checks the set-up, an
 run of the paper's recipe needs besides the gradients:
 
 * **The batch.** The global mini-batch stays the recipe's (128): each of ``N`` processes
-  computes ``128 / N`` images of it (:class:`~annotated_resnet.batches.DeviceBatches` draws the
+  computes ``128 / N`` images of it (:class:`~annotated_resnet.training.batches.DeviceBatches` draws the
   same seeded order in every process and gives each its own slice and augmentation stream).
   DDP's averaged gradient of the ``N`` slice losses is the gradient of the global batch's mean
   loss, so the learning rate, weight decay and the iteration-based schedule stay the paper's.
@@ -198,7 +198,7 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
 
 def agree(stop, finite: bool, device: torch.device) -> bool:
     """Share, in every process, whether any process was asked to stop (``stop``, a
-    :class:`~annotated_resnet.stopping.StopRequest`, learns the reason) and whether the loss
+    :class:`~annotated_resnet.training.stopping.StopRequest`, learns the reason) and whether the loss
     stayed finite in all; returns the latter."""
     code = STOP_REASONS.index(stop.reason) + 1 if stop.requested else 0
     flags = torch.tensor([code, 0 if finite else 1], device=device)

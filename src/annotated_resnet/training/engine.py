@@ -5,12 +5,12 @@ few hundred small kernels. Separate processes do not fill it either, because wit
 MPS the GPU runs one process at a time, in time slices. Kernels of one process queued on
 different CUDA streams do run side by side. So the engine gives each run a thread of its own
 and each thread a stream of its own, on which the run's CUDA-graphed step is replayed
-(:class:`~annotated_resnet.step.TrainingStep`; a replay releases Python's GIL, so the other
+(:class:`~annotated_resnet.training.step.TrainingStep`; a replay releases Python's GIL, so the other
 threads go on queueing their own steps meanwhile).
 
-Each run is an ordinary :func:`~annotated_resnet.train.train` on fastai's ``Learner``: its own
+Each run is an ordinary :func:`~annotated_resnet.training.train.train` on fastai's ``Learner``: its own
 seed, data order, augmentation, schedule, log, atomic checkpoints and exact resume. The runs
-share the device, the decoded images and one :class:`~annotated_resnet.stopping.StopRequest`,
+share the device, the decoded images and one :class:`~annotated_resnet.training.stopping.StopRequest`,
 nothing else, so a run reaches the weights it reaches alone. Every model is built and seeded
 before the threads start, and training draws no numbers from torch's global generator.
 A NaN in one run stops that run with its message; the others go on. When the budget is spent
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from .architecture import count_multiply_adds
+from ..architecture import count_multiply_adds
 from .checkpoints import CHECKPOINT_NAME, load_checkpoint
-from .data import CIFAR10
-from .model import create_model
+from ..data import CIFAR10
+from ..model import create_model
 from .recipe import Recipe
 from .step import choose_device
 from .stopping import StopRequest, stop_on_signals
@@ -82,7 +82,7 @@ class _Counter(Callback):
 
 
 class RunThread(threading.Thread):
-    """Trains one run with :func:`~annotated_resnet.train.train` on its own CUDA stream;
+    """Trains one run with :func:`~annotated_resnet.training.train.train` on its own CUDA stream;
     :attr:`status` says how it ended."""
 
     def __init__(self, run: Run, model, cifar: CIFAR10, folder: Path, stop: StopRequest, options: dict, cbs: list):
@@ -121,7 +121,7 @@ def train_runs(runs: list[Run], cifar: CIFAR10, out: str | Path, *, budget_secon
                timing_seconds: float = 20.0, report=print, cbs: dict | None = None, **options) -> dict[str, str]:
     """Train ``runs`` side by side, each in ``out/<run.name>``, resuming any that has a
     checkpoint there, until all are done or ``budget_seconds`` have passed. ``options`` go to
-    :func:`~annotated_resnet.train.train` (device, precision, compile, train_per_class, ...);
+    :func:`~annotated_resnet.training.train.train` (device, precision, compile, train_per_class, ...);
     ``cbs`` maps a run's name to extra fastai callbacks. After ``timing_seconds`` with every
     run past its first steps, ``report`` gets an estimate of the time the whole set needs.
     Returns each run's status: finished, stopped (to be resumed) or failed with its message."""

@@ -1,13 +1,11 @@
-"""The paper's CIFAR-10 runs on one GPU within a time budget, and the loader for the finished
-runs ("reference runs") that the notebooks plot.
+"""The paper's CIFAR-10 runs (Sec. 4.2, Fig. 6, Table 6) side by side within a time budget:
 
-    annotated-resnet reproduce fig6 table6 --out runs/paper --budget-minutes 9
+    annotated-resnet reproduce fig6 table6 --out runs/paper --budget-minutes 60
 
-(or ``python -m annotated_resnet.gpu_job`` with the same options) trains the runs side by
-side in one process (:mod:`annotated_resnet.engine`); runs still going when the budget ends
-save a checkpoint, and the same command resumes them. Each finished run becomes a reference run.
-
-The reference-run format (one folder per run; what :func:`load_reference_run` reads)::
+trains the runs in one process (:mod:`annotated_resnet.training.engine`); runs still going when
+the budget ends save a checkpoint, and the same command resumes them. Each finished run is
+written in the reference-run format (the names below), which
+:mod:`annotated_resnet.reference_runs` reads back (one folder per run)::
 
     <run>/log.jsonl         one JSON object per epoch: epoch, iteration, train_loss,
                             train_error, val_error (null without a split), test_error, lr,
@@ -32,88 +30,26 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ..data import load_cifar10
 from .checkpoints import CHECKPOINT_NAME, LOG_NAME, atomic_save, load_checkpoint
-from .data import load_cifar10
 from .engine import Run, train_runs
 from .recipe import Recipe
 from .step import choose_device, describe_precision
 
 WEIGHTS_NAME = "weights-fp16.pt"
 PROVENANCE_NAME = "provenance.json"
-REFERENCE_RUNS = Path(__file__).resolve().parent / "reference_runs"
-
-
-# --- Reading reference runs ---
-
-
-def list_reference_runs(folder: str | os.PathLike | None = None) -> list[str]:
-    """Names of the complete runs in ``folder`` (the package's shipped runs by default);
-    an empty list when the folder is absent or holds none."""
-    folder = Path(folder) if folder is not None else REFERENCE_RUNS
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if all((p / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME, PROVENANCE_NAME)))
-
-
-def load_reference_run(path: str | os.PathLike) -> tuple[list[dict], dict, dict]:
-    """``(history, provenance, state_dict)`` of a finished run: ``path`` is a run folder, or
-    the name of a run shipped in ``annotated_resnet/reference_runs/``."""
-    folder = Path(path)
-    if not folder.is_dir() and not folder.is_absolute() and len(folder.parts) == 1:
-        shipped = list_reference_runs()
-        if not shipped:
-            raise FileNotFoundError(
-                f"no reference run {str(path)!r}: this copy of annotated_resnet ships no reference runs "
-                f"({REFERENCE_RUNS} is absent or empty). Make them on a GPU with "
-                "`annotated-resnet reproduce --runs ... --out DIR` and pass a run folder.")
-        if folder.name not in shipped:
-            raise FileNotFoundError(f"no reference run {str(path)!r}; shipped runs: {', '.join(shipped)}")
-        folder = REFERENCE_RUNS / folder.name
-    missing = [n for n in (LOG_NAME, WEIGHTS_NAME, PROVENANCE_NAME) if not (folder / n).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{str(folder)!r} is not a finished run: {', '.join(missing)} missing "
-                                f"(expected {LOG_NAME}, {WEIGHTS_NAME}, {PROVENANCE_NAME})")
-    history = [json.loads(line) for line in (folder / LOG_NAME).read_text().splitlines() if line.strip()]
-    provenance = json.loads((folder / PROVENANCE_NAME).read_text())
-    if provenance.get("status") != "finished":
-        raise ValueError(f"{str(folder)!r} is not a finished run (status: {provenance.get('status')!r}); "
-                         "rerun its gpu_job command to finish it")
-    state_dict = torch.load(folder / WEIGHTS_NAME, map_location="cpu", weights_only=True)
-    return history, provenance, state_dict
-
-
-def longest_reference_run(name: str, folder: str | os.PathLike | None = None) -> Path:
-    """The folder of the shipped run of model ``name`` (e.g. ``"plain56"``) trained for the
-    most iterations, searched anywhere under ``folder`` (the package's reference runs by
-    default), so a longer run shipped later is picked up without changing the caller."""
-    root = Path(folder) if folder is not None else REFERENCE_RUNS
-    candidates = []
-    for provenance_path in sorted(root.rglob(PROVENANCE_NAME)):
-        run = provenance_path.parent
-        if all((run / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME)):
-            provenance = json.loads(provenance_path.read_text())
-            if provenance.get("run") == name and provenance.get("status") == "finished":
-                candidates.append((provenance["iterations_done"], str(run)))
-    if not candidates:
-        raise FileNotFoundError(f"no finished reference run of {name!r} under {str(root)!r}; "
-                                f"shipped runs: {', '.join(list_reference_runs(root)) or 'none'}")
-    return Path(max(candidates)[1])
-
-
-# --- Running the job ---
 
 
 def run_job(runs: list[Run], out: Path, data: str | None, budget_minutes: float | None, command: str,
             timing_seconds: float = 20.0, **options) -> dict[str, str]:
     """Train ``runs`` side by side in ``out`` within the budget (resuming what a checkpoint
     there holds), then write the weights and provenance of every finished run. ``options``
-    go to :func:`~annotated_resnet.train.train`. Returns each run's status."""
+    go to :func:`~annotated_resnet.training.train.train`. Returns each run's status."""
     started = time.monotonic()
     cifar = load_cifar10(data)
     print(f"{len(runs)} runs side by side in {out} ({cifar.source}); budget: "
@@ -182,9 +118,3 @@ def git_commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
-if __name__ == "__main__":  # the same as `annotated-resnet reproduce`
-    from .cli import main
-
-    sys.exit(main(["reproduce", *sys.argv[1:]]))

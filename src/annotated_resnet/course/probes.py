@@ -11,6 +11,7 @@ identity shortcut (Sec. 3.1, 3.2, Fig. 2).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import NamedTuple
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
-from .model import BasicBlock, ResNet, cifar_resnet
+from ..data import balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
+from ..model import BasicBlock, ResNet, cifar_resnet
 
 # --- 1. Gradients and forward signals (Sec. 1, Sec. 4.1) ---
 
@@ -42,26 +43,14 @@ def _check_batch(images: torch.Tensor, labels: torch.Tensor | None = None) -> No
         raise ValueError(f"expected {expected}, got {got}")
 
 
-class _TrainingModeProbe:
-    """Run a model in training mode (BN normalises with the batch's statistics, as during
-    training) and put back its mode and BN running statistics afterwards, so that probing a
-    trained net does not change what it computes in eval mode."""
+def _float64_copy(model: nn.Module) -> nn.Module:
+    """A float64 copy of ``model`` in training mode, to probe without touching the original.
 
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __enter__(self):
-        self.was_training = self.model.training
-        self.buffers = {name: b.clone() for name, b in self.model.named_buffers()}
-        self.model.train()
-        return self.model
-
-    def __exit__(self, *exc):
-        with torch.no_grad():
-            for name, b in self.model.named_buffers():
-                b.copy_(self.buffers[name])
-        self.model.train(self.was_training)
-        self.model.zero_grad(set_to_none=True)
+    At initialization a plain net's gradients pass through dozens of layers that each multiply
+    rounding errors; in float32 the result then depends on the CPU's kernels (AVX2, AVX-512 and
+    ARM sum in different orders) by about 1%. In float64 those differences stay far below what
+    is printed, so every machine shows the same numbers."""
+    return copy.deepcopy(model).to(torch.float64).train()
 
 
 def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -69,37 +58,73 @@ def gradient_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor)
     of the mean cross-entropy loss with respect to the layer's weight tensor, a tensor of the
     weight's shape, and its L2 norm, the square root of the sum of its squared entries.
 
-    Measured in training mode (BN uses the batch's statistics, as SGD sees the net); the model
-    is left as it was (mode, BN running statistics, no gradients). Vanishing gradients show
-    as norms many orders of magnitude below a healthy net's."""
+    Measured in training mode (BN uses the batch's statistics, as SGD sees the net), in float64
+    on a copy of the model (see :func:`_float64_copy`), so the model is left as it was. Vanishing
+    gradients show as norms many orders of magnitude below a healthy net's."""
     _check_batch(images, labels)
-    with _TrainingModeProbe(model):
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
-        return {name: m.weight.grad.norm().item() for name, m in weighted_layers(model)}
+    probe = _float64_copy(model)
+    F.cross_entropy(probe(images.to(torch.float64)), labels).backward()
+    return {name: m.weight.grad.norm().item() for name, m in weighted_layers(probe)}
+
+
+def weight_norms(model: nn.Module) -> dict[str, float]:
+    """The L2 norm of every weighted layer's weight tensor, input side first (the layers of
+    :func:`weighted_layers`), computed in float64."""
+    return {name: m.weight.detach().double().norm().item() for name, m in weighted_layers(model)}
+
+
+def relative_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """||dL/dW|| / ||W|| for every weighted layer, input side first: how far, relative to its own
+    size, one SGD step of learning rate 1 would move the layer's weights (multiply by the
+    learning rate for a real step). For a convolution followed by batch norm the loss does not
+    change when W is scaled, so the raw gradient norm shrinks like 1 / ||W|| and only this ratio
+    says how hard a layer is pushed."""
+    grads, weights = gradient_norms(model, images, labels), weight_norms(model)
+    return {name: grads[name] / weights[name] for name in grads}
+
+
+def _blocks(model: ResNet) -> list[tuple[str, nn.Module]]:
+    """The stem (its ReLU) and every block of a CIFAR ResNet or plain net, input side first."""
+    return [("stem", model.relu)] + [(f"layer{i + 1}.{j}", block) for i, stage in enumerate(model.stages)
+                                     for j, block in enumerate(stage)]
+
+
+def activation_gradient_norms(model: ResNet, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The backward signal: for one batch, the L2 norm of the gradient of the mean cross-entropy
+    loss with respect to what the stem and each block output (the activations, not the weights),
+    input side first. Training mode, float64, on a copy of the model (see :func:`_float64_copy`)."""
+    _check_batch(images, labels)
+    probe, outputs = _float64_copy(model), {}
+
+    def record(name):
+        def hook(module, inputs, output):
+            if name not in outputs:
+                output.retain_grad()
+                outputs[name] = output
+        return hook
+
+    for name, module in _blocks(probe):
+        module.register_forward_hook(record(name))
+    F.cross_entropy(probe(images.to(torch.float64)), labels).backward()
+    return {name: output.grad.norm().item() for name, output in outputs.items()}
 
 
 def signal_stds(model: ResNet, images: torch.Tensor) -> dict[str, float]:
     """The forward signal: the standard deviation of what the stem and each block output, for
-    one batch in training mode (Sec. 4.1: BN keeps it at non-zero variance). The model is left
-    as it was."""
+    one batch in training mode (Sec. 4.1: BN keeps it at non-zero variance), in float64 on a copy
+    of the model (see :func:`_float64_copy`), so the model is left as it was."""
     _check_batch(images)
-    stds = {}
+    probe, stds = _float64_copy(model), {}
 
     def record(name):
         def hook(module, inputs, output):
             stds.setdefault(name, output.std().item())
         return hook
 
-    modules = [("stem", model.relu)] + [(f"layer{i + 1}.{j}", block) for i, stage in enumerate(model.stages)
-                                        for j, block in enumerate(stage)]
-    hooks = [module.register_forward_hook(record(name)) for name, module in modules]
-    try:
-        with _TrainingModeProbe(model), torch.no_grad():
-            model(images)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    for name, module in _blocks(probe):
+        module.register_forward_hook(record(name))
+    with torch.no_grad():
+        probe(images.to(torch.float64))
     return stds
 
 
@@ -227,7 +252,7 @@ def reestimate_batchnorm_(model: nn.Module, images: np.ndarray, mean: torch.Tens
 
 def reference_lengths(name: str, folder=None) -> dict[int, str]:
     """The finished shipped runs of CIFAR-10 net ``name``, by length: {iterations: run folder}."""
-    from .gpu_job import LOG_NAME, PROVENANCE_NAME, REFERENCE_RUNS, WEIGHTS_NAME
+    from ..reference_runs import LOG_NAME, PROVENANCE_NAME, REFERENCE_RUNS, WEIGHTS_NAME
     root = Path(folder) if folder is not None else REFERENCE_RUNS
     runs = {}
     for path in sorted(root.rglob(PROVENANCE_NAME)):
@@ -245,7 +270,7 @@ def longest_common_length(names, folder=None) -> int:
     common = set.intersection(*lengths) if lengths else set()
     if not common:
         raise FileNotFoundError(f"no run length is shipped for all of {', '.join(names)}; make the runs with "
-                                f"`python -m annotated_resnet.gpu_job --runs {','.join(names)} --out DIR`")
+                                f"`annotated-resnet reproduce --runs {','.join(names)} --out DIR`")
     return max(common)
 
 
@@ -253,7 +278,7 @@ def load_trained(name: str, cifar, iterations: int | None = None, folder=None,
                  reestimate_images: int = 1000) -> TrainedNet:
     """The shipped run of CIFAR-10 net ``name`` (``"plain20"``, ``"resnet56"``, ...) trained for
     ``iterations``, or for the most iterations if ``None``
-    (:func:`annotated_resnet.gpu_job.longest_reference_run`, so longer runs shipped later are
+    (:func:`annotated_resnet.reference_runs.longest_reference_run`, so longer runs shipped later are
     picked up), rebuilt with its weights, and the training images it saw: the run's
     train/validation split and subset, recomputed from its provenance.
 
@@ -261,7 +286,7 @@ def load_trained(name: str, cifar, iterations: int | None = None, folder=None,
     running variance above that is stored as infinity, which silences its channel in eval
     mode. Where that happened, BN's running statistics are re-estimated from
     ``reestimate_images`` of the run's training images (:func:`reestimate_batchnorm_`)."""
-    from .gpu_job import load_reference_run, longest_reference_run
+    from ..reference_runs import load_reference_run, longest_reference_run
     if iterations is None:
         run = longest_reference_run(name, folder)
     else:
@@ -345,7 +370,7 @@ def plot_error_curves(histories: dict[str, list[dict]], axes=None, scale_note: s
                       thick: tuple[str, ...] = (), colors: dict[str, str] | None = None):
     """Fig. 1's layout: training error (%) on the left, test error (%) on the right, against
     iterations, one line per network. ``histories`` maps a label ("20-layer") to the
-    per-epoch history that :func:`annotated_resnet.train.train` returns; a line takes its
+    per-epoch history that :func:`annotated_resnet.training.train.train` returns; a line takes its
     colour from ``colors`` or, for a net's name, from :data:`NET_COLORS`."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(10, 3.5), sharey=True)

@@ -26,7 +26,7 @@ from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch
 from matplotlib.path import Path
 from torch import nn
 
-from .model import ZeroPadShortcut
+from ..model import ZeroPadShortcut
 
 _ADDITIONS = (operator.add, operator.iadd, torch.add)
 _RELUS = (F.relu, torch.relu, torch.relu_)
