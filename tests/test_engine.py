@@ -4,6 +4,7 @@ leaves the others going. GPU time estimates from a timing."""
 
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -127,3 +128,45 @@ def test_the_timing_waits_for_every_run_to_settle_then_reports_once(monkeypatch)
     assert len(reports) == 1
     expected = (850 * 1 + 940 * 2) / (10 * 1 + 5 * 2) / 60
     assert f"a 10.0, b 5.0; the 1,790 iterations left need about {expected:.1f} minutes" in reports[0]
+
+
+class RunsAtOnce(Callback):
+    """Counts the engine's runs that are inside a training batch at the same moment."""
+
+    lock, inside, most = threading.Lock(), 0, 0
+
+    def before_batch(self):
+        if self.training:
+            with RunsAtOnce.lock:
+                RunsAtOnce.inside += 1
+                RunsAtOnce.most = max(RunsAtOnce.most, RunsAtOnce.inside)
+            time.sleep(0.01)  # long enough for another run's batch to overlap, if one may
+
+    def after_batch(self):
+        if self.training:
+            with RunsAtOnce.lock:
+                RunsAtOnce.inside -= 1
+
+
+def test_runs_beyond_the_slots_wait_their_turn_and_reach_the_same_weights(cifar, tmp_path):
+    runs = [tiny("resnet20"), tiny("plain20", seed=1), tiny("resnet20", seed=2)]
+    cbs = {run.name: [RunsAtOnce()] for run in runs}
+    statuses = train_runs(runs, cifar, tmp_path / "two", device="cpu", max_at_once=2, cbs=cbs)
+    assert set(statuses.values()) == {"finished"} and RunsAtOnce.most == 2
+    RunsAtOnce.most = 0
+    train_runs(runs[:1], cifar, tmp_path / "alone", device="cpu", cbs={"resnet20": [RunsAtOnce()]})
+    assert RunsAtOnce.most == 1
+    assert_same_weights(weights(tmp_path / "alone" / "resnet20"), weights(tmp_path / "two" / "resnet20"))
+
+
+def test_a_run_waiting_for_a_slot_stops_with_the_others(cifar, tmp_path):
+    statuses = train_runs([tiny("resnet20"), tiny("plain20")], cifar, tmp_path, device="cpu", max_at_once=1,
+                          budget_seconds=0)
+    assert all(status.startswith("stopped") for status in statuses.values())
+    assert train_runs([tiny("resnet20"), tiny("plain20")], cifar, tmp_path, device="cpu") == {
+        "resnet20": "finished", "plain20": "finished"}
+
+
+def test_the_engine_refuses_to_compile_several_runs(cifar, tmp_path):
+    with pytest.raises(ValueError, match="not thread-safe"):
+        train_runs([tiny("resnet20"), tiny("plain20")], cifar, tmp_path, device="cpu", compile=True)

@@ -80,6 +80,7 @@ def test_scaled_recipe_keeps_the_milestones_in_proportion():
     ({"lr": 0.0}, "lr must be a finite number above 0"),
     ({"warmup_lr": float("nan")}, "warmup_lr must be a finite number above 0"),
     ({"momentum": -0.5}, "momentum must be a finite number at least 0"),
+    ({"momentum": 1.5}, r"momentum must be below 1 \(the paper: 0.9\); got 1.5"),
     ({"weight_decay": float("inf")}, "weight_decay must be a finite number at least 0"),
     ({"iterations": 0}, "iterations must be a whole number of at least 1"),
     ({"batch_size": 12.5}, "batch_size must be a whole number"),
@@ -218,6 +219,22 @@ def test_resume_refuses_a_run_with_other_settings(tiny_cifar, tmp_path, change, 
     train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
     with pytest.raises(ValueError, match=named):
         train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True, **change)
+
+
+@pytest.mark.parametrize("recorded", ["cuda", None])
+def test_a_checkpoint_of_another_kind_of_device_is_refused_with_what_to_do(tiny_cifar, tmp_path, recorded):
+    train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["device"] == "cpu"
+    # as a GPU run would have written it: its device, or (older checkpoints) a CUDA generator's 16-byte state
+    if recorded:
+        checkpoint["device"] = recorded
+    else:
+        del checkpoint["device"]
+        checkpoint["loader"]["augment_state"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="trained on CUDA and resumes exactly only there.*--device cuda"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True)
 
 
 def test_resume_needs_a_checkpoint(tiny_cifar, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
+from .device_work import DEVICE_WORK
 
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
@@ -71,7 +72,7 @@ class DeviceBatches:
         self.device = torch.device(device)
         self.images, self.labels = self.images.to(self.device), self.labels.to(self.device)
         self.mean = self.mean.to(self.device)
-        self.order_generator = torch.Generator(self.device).manual_seed(self.seed)
+        self.order_generator = torch.Generator().manual_seed(self.seed)  # CPU: the same order on every GPU model
         self.augment_generator = torch.Generator(self.device).manual_seed(self.seed + 1 + AUGMENT_SEED_STRIDE * self.rank)
         self.epoch_order_state = self.order_generator.get_state()
         return self
@@ -91,23 +92,29 @@ class DeviceBatches:
         count = len(self)
         if self.train:
             self.epoch_order_state = self.order_generator.get_state()
-            order = torch.randperm(len(self.labels), device=self.device, generator=self.order_generator)
+            order = torch.randperm(len(self.labels), generator=self.order_generator).to(self.device)
         else:
             order = torch.arange(len(self.labels), device=self.device)
         first, self.skip = (self.skip if self.train else 0), 0
         for b in range(first, first + count):
-            index = order[b * self.batch_size:(b + 1) * self.batch_size]
-            if self.train and self.processes > 1:
-                index = index[self.rank * self.slice_size:(self.rank + 1) * self.slice_size]
-            images = self.images[index]
-            if self.train:
-                images = augment(images, generator=self.augment_generator)
-                if self.remaining is not None:
-                    self.remaining -= 1
-            images = normalize(images, self.mean)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            yield images, self.labels[index]
+            with DEVICE_WORK.shared():  # held between, not across, the yields
+                batch = self._batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            yield batch
+
+    def _batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images at ``index`` (this process's slice of them), augmented when training,
+        less the mean, with their labels."""
+        if self.train and self.processes > 1:
+            index = index[self.rank * self.slice_size:(self.rank + 1) * self.slice_size]
+        images = self.images[index]
+        if self.train:
+            images = augment(images, generator=self.augment_generator)
+            if self.remaining is not None:
+                self.remaining -= 1
+        images = normalize(images, self.mean)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, self.labels[index]
 
     def state(self, batches_done: int) -> dict:
         """What a checkpoint needs to continue this loader after ``batches_done`` batches of

@@ -115,6 +115,22 @@ def check_same_run(checkpoint: dict, now: dict, out) -> None:
                          "the settings it was started with, or choose another output folder")
 
 
+def check_same_device_type(checkpoint: dict, device: torch.device, out) -> None:
+    """A run resumes on the kind of device it was trained on: the augmentation's generator of a
+    GPU and of the CPU are different algorithms whose states do not convert, so the run could
+    not continue exactly. (Checkpoints without the ``device`` entry are told apart by the size
+    of that generator's state.)"""
+    then = checkpoint.get("device")
+    if then is None:
+        states = checkpoint.get("process_states") or [checkpoint]
+        cpu_state_size = torch.Generator().get_state().numel()
+        then = "cpu" if states[0]["loader"]["augment_state"].numel() == cpu_state_size else "cuda"
+    if then != device.type:
+        raise ValueError(f"the checkpoint in {str(out)!r} was trained on {then.upper()} and resumes exactly only "
+                         f"there (its random streams are the {then.upper()}'s); resume it with --device {then}, "
+                         "or start a new run in another folder")
+
+
 def check_same_processes(checkpoint: dict, processes: int, batch_norm: str, out) -> None:
     """A data-parallel run resumes with as many processes as it had, and the same batch norm:
     each process has its own augmentation stream, which the checkpoint continues."""

@@ -24,6 +24,10 @@ run of the paper's recipe needs besides the gradients:
 * **Failures.** A collective operation fails when another process has died (gloo and NCCL see
   the closed connection) or has not answered within the process group's timeout
   (``--peer-timeout``); :func:`peer_lost` turns that failure into a message that says so.
+  Between GPUs the CUDA-graphed step needs NCCL's own timeouts off, so the agreement and the
+  checkpoint's gathering run in a second, gloo group on CPU tensors (:func:`control_group`),
+  where the timeout holds: a peer that died or stopped between two loss checks is noticed at
+  the next one.
 
 fastai's own ``DistributedTrainer`` does not fit here: it feeds each process through a
 ``DistributedDL``, which indexes a data set on the host and pads the processes' shares with
@@ -35,8 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -132,7 +138,39 @@ def start(device: str | None = None, backend: str | None = None, peer_timeout: f
         if backend == "nccl" and cuda_graph:
             os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=peer_timeout))
+    global _CONTROL_GROUP, _PEER_TIMEOUT
+    _PEER_TIMEOUT = peer_timeout
+    if backend != "gloo":
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=peer_timeout))
     return device
+
+
+#: The gloo group of :func:`control_group` when the training's own group is NCCL.
+_CONTROL_GROUP = None
+_PEER_TIMEOUT = PEER_TIMEOUT
+
+
+def wait_for_device(device: torch.device) -> None:
+    """Wait until ``device`` has run the work queued so far, at most the peer timeout: with
+    NCCL's own timeouts off (the graphed step), a collective whose peer died or stopped never
+    ends, and a plain wait for the GPU would hang for ever; this one raises instead."""
+    if device.type != "cuda" or not current().parallel:
+        return
+    done = torch.cuda.Event()
+    done.record()
+    deadline = time.monotonic() + _PEER_TIMEOUT
+    while not done.query():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the GPU's NCCL collectives have not finished within the peer timeout "
+                               f"({_PEER_TIMEOUT:g} s, --peer-timeout)")
+        time.sleep(0.001)
+
+
+def control_group():
+    """The process group for the processes' agreement (:func:`agree`) and the checkpoint's
+    gathering (:func:`gather`): gloo on CPU tensors, whose timeout always holds. It is the
+    training's own group where that is gloo, a second one beside NCCL."""
+    return _CONTROL_GROUP
 
 
 def graph_allowed() -> bool:
@@ -143,8 +181,10 @@ def graph_allowed() -> bool:
 
 def finish() -> None:
     """Leave the process group, if this process is in one."""
+    global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _CONTROL_GROUP = None
 
 
 def first_on_each_machine(load):
@@ -174,10 +214,17 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-        wrapped = DistributedDataParallel(model, device_ids=[device] if stream else None, forward_sync_buffers=False)
+        wrapped = DistributedDataParallel(model, device_ids=[device] if stream else None, **NO_BUFFER_SYNC_IN_FORWARD)
     if stream:
         torch.cuda.current_stream(device).wait_stream(stream)
     return wrapped
+
+
+#: DDP's keyword that keeps it from copying buffers at every forward pass: torch 2.13 added
+#: ``forward_sync_buffers``; older releases take ``broadcast_buffers=False``.
+NO_BUFFER_SYNC_IN_FORWARD = ({"forward_sync_buffers": False}
+                             if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                             else {"broadcast_buffers": False})
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -196,13 +243,13 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def agree(stop, finite: bool, device: torch.device) -> bool:
+def agree(stop, finite: bool) -> bool:
     """Share, in every process, whether any process was asked to stop (``stop``, a
     :class:`~annotated_resnet.training.stopping.StopRequest`, learns the reason) and whether the loss
     stayed finite in all; returns the latter."""
     code = STOP_REASONS.index(stop.reason) + 1 if stop.requested else 0
-    flags = torch.tensor([code, 0 if finite else 1], device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    flags = torch.tensor([code, 0 if finite else 1])  # on the CPU, for the gloo group's timeout
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control_group())
     if flags[0] and not stop.requested:
         stop.request(STOP_REASONS[int(flags[0]) - 1])
     return not flags[1]
@@ -211,7 +258,7 @@ def agree(stop, finite: bool, device: torch.device) -> bool:
 def gather(state: dict) -> list[dict]:
     """Every process's ``state`` (CPU tensors and numbers), in rank order."""
     states = [None] * current().count
-    dist.all_gather_object(states, state)
+    dist.all_gather_object(states, state, group=control_group())
     return states
 
 

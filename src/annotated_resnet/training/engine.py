@@ -6,7 +6,11 @@ MPS the GPU runs one process at a time, in time slices. Kernels of one process q
 different CUDA streams do run side by side. So the engine gives each run a thread of its own
 and each thread a stream of its own, on which the run's CUDA-graphed step is replayed
 (:class:`~annotated_resnet.training.step.TrainingStep`; a replay releases Python's GIL, so the other
-threads go on queueing their own steps meanwhile).
+threads go on queueing their own steps meanwhile). A run's stream is its own: the engine trains
+at most as many runs at once as it could get distinct streams (32 on one GPU), the others
+waiting for a stream to come free, and no run captures its graph while another works on the
+device (:mod:`annotated_resnet.training.device_work`). ``torch.compile`` compiles in the thread
+that first calls the model and is not thread-safe, so the engine refuses it for several runs.
 
 Each run is an ordinary :func:`~annotated_resnet.training.train.train` on fastai's ``Learner``: its own
 seed, data order, augmentation, schedule, log, atomic checkpoints and exact resume. The runs
@@ -21,6 +25,7 @@ resumes them all.
 from __future__ import annotations
 
 import contextlib
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -29,9 +34,10 @@ from pathlib import Path
 import torch
 
 from ..architecture import count_multiply_adds
-from .checkpoints import CHECKPOINT_NAME, load_checkpoint
 from ..data import CIFAR10
 from ..model import create_model
+from .checkpoints import CHECKPOINT_NAME, load_checkpoint
+from .device_work import distinct_streams
 from .recipe import Recipe
 from .step import choose_device
 from .stopping import StopRequest, stop_on_signals
@@ -85,16 +91,20 @@ class RunThread(threading.Thread):
     """Trains one run with :func:`~annotated_resnet.training.train.train` on its own CUDA stream;
     :attr:`status` says how it ended."""
 
-    def __init__(self, run: Run, model, cifar: CIFAR10, folder: Path, stop: StopRequest, options: dict, cbs: list):
+    def __init__(self, run: Run, model, cifar: CIFAR10, folder: Path, stop: StopRequest, options: dict, cbs: list,
+                 slots: queue.Queue):
         super().__init__(name=run.name, daemon=True)
         self.run_, self.model, self.cifar, self.folder, self.stop = run, model, cifar, folder, stop
+        self.slots = slots  # a stream of its own on a GPU (None on the CPU), taken while training
         self.options, self.cbs = options, [_Counter(self), *cbs]
         self.iteration = iterations_done(folder, run.recipe)
         self.status = "not started"
 
     def run(self):
-        device = choose_device(self.options.get("device"))
-        stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        stream = self._take_slot()
+        if stream is False:
+            self.status = f"stopped ({self.stop.reason}) before it started; run the same command again to start it"
+            return
         try:
             with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
                 result = train(self.model, self.cifar, self.run_.recipe, seed=self.run_.seed, progress=False,
@@ -106,6 +116,28 @@ class RunThread(threading.Thread):
             self.status = f"failed: {error}"
         except Exception as error:  # one run's failure (out of memory, a bad file) ends that run only
             self.status = f"failed: {type(error).__name__}: {error}"
+        finally:
+            self.slots.put(stream)
+
+    def _take_slot(self):
+        """A free slot (its stream, or None on the CPU), waiting while all are taken; False if
+        the runs are stopped meanwhile."""
+        while not self.stop.requested:
+            try:
+                return self.slots.get(timeout=0.2)
+            except queue.Empty:
+                continue
+        return False
+
+
+def run_slots(device: torch.device, runs: int, max_at_once: int | None = None) -> queue.Queue:
+    """The slots runs train in: on a GPU one distinct stream each (:func:`distinct_streams`), on
+    the CPU as many as ``max_at_once`` (every run by default)."""
+    wanted = min(runs, max_at_once or runs)
+    slots = queue.Queue()
+    for stream in distinct_streams(device, wanted) if device.type == "cuda" else [None] * wanted:
+        slots.put(stream)
+    return slots
 
 
 def estimate_seconds(left: dict[str, int], rates: dict[str, float], costs: dict[str, float]) -> float:
@@ -118,11 +150,13 @@ def estimate_seconds(left: dict[str, int], rates: dict[str, float], costs: dict[
 
 
 def train_runs(runs: list[Run], cifar: CIFAR10, out: str | Path, *, budget_seconds: float | None = None,
-               timing_seconds: float = 20.0, report=print, cbs: dict | None = None, **options) -> dict[str, str]:
+               timing_seconds: float = 20.0, report=print, cbs: dict | None = None, max_at_once: int | None = None,
+               **options) -> dict[str, str]:
     """Train ``runs`` side by side, each in ``out/<run.name>``, resuming any that has a
     checkpoint there, until all are done or ``budget_seconds`` have passed. ``options`` go to
     :func:`~annotated_resnet.training.train.train` (device, precision, compile, train_per_class, ...);
-    ``cbs`` maps a run's name to extra fastai callbacks. After ``timing_seconds`` with every
+    ``cbs`` maps a run's name to extra fastai callbacks; ``max_at_once`` caps how many runs train
+    at the same time (on a GPU, also the number of distinct streams it hands out). After ``timing_seconds`` with every
     run past its first steps, ``report`` gets an estimate of the time the whole set needs.
     Returns each run's status: finished, stopped (to be resumed) or failed with its message."""
     started = time.monotonic()
@@ -130,10 +164,14 @@ def train_runs(runs: list[Run], cifar: CIFAR10, out: str | Path, *, budget_secon
     names = [run.name for run in runs]
     if len(set(names)) < len(names):
         raise ValueError(f"run names must differ, each run has its own folder; got {', '.join(names)}")
+    if options.get("compile") and len(runs) > 1:
+        raise ValueError("torch.compile is not thread-safe, so several runs side by side cannot be compiled; "
+                         "drop --compile, or train one run at a time with `annotated-resnet train --compile`")
     models = {run.name: run.build() for run in runs}  # in this thread, one seed after another
     costs = {run.name: count_multiply_adds(models[run.name], 32) * run.recipe.batch_size for run in runs}
-    threads = [RunThread(run, models[run.name], cifar, out / run.name, stop, options, (cbs or {}).get(run.name, []))
-               for run in runs]
+    slots = run_slots(choose_device(options.get("device")), len(runs), max_at_once)
+    threads = [RunThread(run, models[run.name], cifar, out / run.name, stop, options, (cbs or {}).get(run.name, []),
+                         slots) for run in runs]
     for thread in threads:
         if thread.iteration >= thread.run_.recipe.iterations:
             thread.status = "finished"

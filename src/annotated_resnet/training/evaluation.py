@@ -6,16 +6,18 @@ import torch
 from torch import nn
 
 from .batches import DeviceBatches
+from .device_work import DEVICE_WORK
 from .step import autocast
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = None,
-             batch_size: int = 500, precision: str = "auto") -> float:
+             batch_size: int = 500, precision: str = "fp32") -> float:
     """Error rate of ``model`` on uint8 ``images`` (N, 32, 32, 3) with ``labels``, after
     subtracting the per-pixel training ``mean`` (Sec. 4.2): the single original view of
     each test image, no augmentation. ``images`` may also be a :class:`DeviceBatches`.
-    ``precision``: as in training (:func:`~annotated_resnet.training.step.choose_precision`)."""
+    ``precision``: fp32 by default, the precision the weights are kept in; ``"auto"``, ``"bf16"``
+    or ``"fp16"`` evaluate under autocast, as :func:`~annotated_resnet.training.step.choose_precision`."""
     device = next(model.parameters()).device
     if isinstance(images, DeviceBatches):
         batches = images
@@ -28,7 +30,7 @@ def evaluate(model: nn.Module, images, labels=None, mean: torch.Tensor | None = 
 
 
 @torch.no_grad()
-def count_mistakes(model: nn.Module, batches: DeviceBatches, precision: str = "auto") -> torch.Tensor:
+def count_mistakes(model: nn.Module, batches: DeviceBatches, precision: str = "fp32") -> torch.Tensor:
     """How many of ``batches``' images ``model`` (in eval mode) classifies wrongly, as a float
     tensor on the model's device (processes that share out the test images add their counts)."""
     device = next(model.parameters()).device
@@ -38,7 +40,8 @@ def count_mistakes(model: nn.Module, batches: DeviceBatches, precision: str = "a
     wrong = torch.zeros((), device=device)
     with autocast(device, precision):
         for x, y in batches:
-            wrong += (model(x).argmax(1) != y).sum()
+            with DEVICE_WORK.shared():
+                wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
     return wrong
 

@@ -1,8 +1,14 @@
 """The paper's CIFAR-10 training recipe (Sec. 4.2) as numbers, and its optimizer.
 
 SGD with momentum 0.9 and weight decay 1e-4, mini-batches of 128, learning rate 0.1 divided
-by 10 at 32k and 48k iterations, stop at 64k iterations; the 110- and 1202-layer nets warm up
-at 0.01 until their training error is below 80%. The schedule counts iterations, not epochs.
+by 10 at 32k and 48k iterations, stop at 64k iterations. The schedule counts iterations, not
+epochs.
+
+The warm-up: Sec. 4.2 starts ResNet-110 at 0.01 until its training error is below 80% (about
+400 iterations), then goes back to 0.1. Giving the same warm-up to ResNet-1202 and plain-110 is
+our reading, not the paper's text: for the 1202-layer net it says only that it is trained
+like the nets before it, and it gives no recipe for a plain-110 (the caption of Fig. 6 only
+says that plain-110's error is above 60%).
 
 The training set: the paper chose this schedule on a 45k/5k train/validation split, then
 trained the models it reports on all 50k training images and evaluated them on the 10k test
@@ -61,6 +67,9 @@ class Recipe:
                     name in positive and value == 0):
                 bound = "above 0" if name in positive else "at least 0"
                 raise ValueError(f"Recipe {name} must be a finite number {bound} (the paper: {paper}); got {value!r}")
+        if self.momentum >= 1:
+            raise ValueError(f"Recipe momentum must be below 1 (the paper: 0.9); got {self.momentum!r}: at 1 or "
+                             "above, SGD's velocity never forgets a step and grows without bound")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
 
     def lr_at(self, iteration: int, warmed_up: bool = True) -> float:
@@ -101,7 +110,8 @@ class Recipe:
 
 def paper_recipe(name: str, split: bool = False) -> Recipe:
     """Sec. 4.2's recipe for a CIFAR-10 net by name (resnet20 ... resnet1202, plain20 ...
-    plain110); the 110- and 1202-layer nets get the warm-up at lr 0.01. It trains on all 50k
+    plain110); the 110-layer nets and ResNet-1202 get the warm-up at lr 0.01 (Sec. 4.2's for
+    ResNet-110; our reading for the others, see the module's docstring). It trains on all 50k
     training images, as the paper's reported models were; ``split=True`` holds out 5k of them
     for validation, as the paper did to choose the schedule."""
     if name not in CIFAR_MODEL_NAMES:

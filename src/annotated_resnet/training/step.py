@@ -15,17 +15,14 @@ never waits for the GPU to learn whether a step was skipped.
 from __future__ import annotations
 
 import contextlib
-import threading
 
 import torch
 from torch import nn
 
+from .device_work import DEVICE_WORK
+
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-#: One CUDA-graph capture at a time in this process: ``torch.cuda.graph`` synchronizes the
-#: device and empties the allocator's cache on entry, which must not happen while another
-#: run's thread (:mod:`annotated_resnet.training.engine`) is capturing.
-_CAPTURE_LOCK = threading.Lock()
 
 
 def choose_device(device: str | torch.device | None = None) -> torch.device:
@@ -125,27 +122,28 @@ class TrainingStep:
         self.rate_value = None
         self.eager_steps, self.steps = eager_steps, 0
         self.captured = None  # the CUDA graph, once captured
-        self.side_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.side_stream = _side_stream(device) if self.cuda else None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
         """One step at learning rate ``lr``; returns the predictions and the (detached, unscaled)
         loss. In graph mode both are the graph's output tensors, overwritten by the next step."""
         self.steps += 1
-        self._set_rate(lr)
-        if not self.graph:
-            return self._eager(images, labels)
-        if self.steps <= self.eager_steps:
-            self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self.side_stream):
-                outputs = self._eager(images, labels)
-            torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
-            return outputs
-        if self.captured is None:
+        if self.graph and self.captured is None and self.steps > self.eager_steps:
             self._capture(images, labels)
-        self.images.copy_(images)
-        self.labels.copy_(labels)
-        self.captured.replay()
-        return self.pred, self.loss
+        with DEVICE_WORK.shared():
+            self._set_rate(lr)
+            if not self.graph:
+                return self._eager(images, labels)
+            if self.steps <= self.eager_steps:
+                self.side_stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(self.side_stream):
+                    outputs = self._eager(images, labels)
+                torch.cuda.current_stream(self.device).wait_stream(self.side_stream)
+                return outputs
+            self.images.copy_(images)
+            self.labels.copy_(labels)
+            self.captured.replay()
+            return self.pred, self.loss
 
     def _set_rate(self, lr: float) -> None:
         """The coming update's learning rate: written into the device tensor (only when it
@@ -195,12 +193,19 @@ class TrainingStep:
         self.images, self.labels = torch.empty_like(images), torch.empty_like(labels)
         self.optimizer.zero_grad(set_to_none=True)  # the graph owns the gradients it computes
         self.captured = torch.cuda.CUDAGraph()
-        # its own capture stream (not torch's one default for all graphs), and errors only for
-        # unsafe calls of this thread: other runs of the engine go on launching work on their
-        # own streams from their own threads during the capture
-        with _CAPTURE_LOCK, torch.cuda.graph(self.captured, stream=self.side_stream,
-                                             capture_error_mode="thread_local"):
+        # its own capture stream (not torch's one default for all graphs); the other runs of the
+        # engine wait, between two pieces of device work, until the capture ends
+        with DEVICE_WORK.exclusive(), torch.cuda.graph(self.captured, stream=self.side_stream,
+                                                       capture_error_mode="thread_local"):
             self.pred, self.loss = self._forward_backward(self.images, self.labels)
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The stream for the eager steps and the capture: the thread's own stream where the engine
+    gave it one (:mod:`annotated_resnet.training.device_work`), else a new one (a capture may
+    not run on the default stream)."""
+    current = torch.cuda.current_stream(device)
+    return current if current != torch.cuda.default_stream(device) else torch.cuda.Stream(device)
 
 
 def _zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:

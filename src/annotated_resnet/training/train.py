@@ -6,8 +6,9 @@ The recipe's numbers are in :mod:`annotated_resnet.training.recipe`, the batches
 and the test error in :mod:`annotated_resnet.training.evaluation`. This module puts them together.
 
 What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
-metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU, and
-:class:`ValidationAutocast` runs the validation pass in the run's precision. Three callbacks
+metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU. The
+validation pass and the test error run in fp32, the precision the weights are kept in, whatever
+precision the training steps use (bf16 or fp16 only speed up training). Three callbacks
 add what the paper's recipe, a long run and a fast GPU need: :class:`PaperSchedule` (the
 iteration-based learning rate and the warm-up), :class:`StepCallback` (each training step as
 one :class:`~annotated_resnet.training.step.TrainingStep`, replayed as a CUDA graph on a GPU) and
@@ -52,6 +53,7 @@ from .checkpoints import (
     LOG_NAME,
     RunState,
     atomic_save,
+    check_same_device_type,
     check_same_processes,
     check_same_run,
     checkpoint_to_resume,
@@ -68,7 +70,8 @@ from .recorder import NonFiniteLossError, RunRecorder
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
-from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, precision_history
+from .device_work import DEVICE_WORK
+from .step import TrainingStep, choose_device, choose_precision, grad_scaler, precision_history
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -102,18 +105,22 @@ class StepCallback(Callback):
         raise CancelBatchException()
 
 
-class ValidationAutocast(Callback):
-    """The validation pass in the run's reduced precision (the training step has its own)."""
+class ValidationDeviceWork(Callback):
+    """Each validation batch as one piece of device work
+    (:data:`~annotated_resnet.training.device_work.DEVICE_WORK`), which no other run's CUDA-graph
+    capture may overlap."""
 
-    def __init__(self, device: torch.device, precision: str):
-        self.device, self.precision = device, precision
+    order = 0
 
-    def before_validate(self):
-        self.context = autocast(self.device, self.precision)
-        self.context.__enter__()
+    def before_batch(self):
+        self.held = None if self.training else DEVICE_WORK.shared()
+        if self.held:
+            self.held.__enter__()
 
-    def after_validate(self):
-        self.context.__exit__(None, None, None)
+    def after_batch(self):  # fastai calls it whatever happened in the batch
+        if getattr(self, "held", None):
+            self.held.__exit__(None, None, None)
+            self.held = None
 
 
 class PaperSchedule(Callback):
@@ -184,7 +191,7 @@ class _Trainer:
         processes each count the mistakes on their share of the images, with the first's
         batch-norm statistics, and add up their counts."""
         distributed.sync_buffers(self.model)
-        counts = torch.stack([count_mistakes(self.model, self.test_batches, precision=self.precision),
+        counts = torch.stack([count_mistakes(self.model, self.test_batches),
                               torch.tensor(float(len(self.test_batches.labels)), device=self.device)])
         wrong, images = sum_over_processes(counts).tolist()
         return wrong / images
@@ -206,6 +213,10 @@ class _Trainer:
         the first writes it, with every process's loader and generator states."""
         if self.out is None:
             return
+        with DEVICE_WORK.shared():
+            self._write_checkpoint(run)
+
+    def _write_checkpoint(self, run: RunState) -> None:
         process_state = {"loader": self.train_batches.state(run.batches_in_epoch), "torch_rng": torch.get_rng_state()}
         if self.processes.parallel:
             distributed.sync_buffers(self.model)
@@ -219,7 +230,7 @@ class _Trainer:
             "run": dataclasses.asdict(run),
             **process_state, "precision": self.precisions,
             "scaler_state": self.scaler.state_dict() if self.scaler else None,
-            "processes": self.processes.count, "batch_norm": self.batch_norm(),
+            "processes": self.processes.count, "batch_norm": self.batch_norm(), "device": self.device.type,
         }
         if self.processes.parallel:
             checkpoint["process_states"] = states
@@ -265,6 +276,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
         check_same_processes(checkpoint, processes.count, trainer.batch_norm(), out)
+        check_same_device_type(checkpoint, device, out)
     run = RunState(warmed_up=recipe.warmup_lr is None)
     if checkpoint is not None:
         run = RunState(**checkpoint["run"])
@@ -282,7 +294,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     graph = cuda_graph and device.type == "cuda" and distributed.graph_allowed()
     step = StepCallback(graph=graph, precision=precision, scaler=trainer.scaler,
                         eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
-    callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationAutocast(device, precision)]
+    callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationDeviceWork()]
     if processes.parallel:
         callbacks.append(distributed.FirstProcessStatistics())
     if device.type == "cuda":
