@@ -1,18 +1,40 @@
 # Two commands do all the set-up on a fresh machine (Python 3.11+ needed):
 #   make lab    create .venv, install the course, open the notebooks in JupyterLab
 #   make test   create .venv, install the course, run the unit tests and every notebook
+# and two more check the course beyond this machine's defaults (CI runs both):
+#   make test-kernels  the notebooks again with PyTorch limited to AVX2 kernels
+#   make test-oldest   the oldest torch, torchvision and fastai admitted, in .venv-oldest
 VENV ?= .venv
+OLDEST_VENV ?= .venv-oldest
 PYTHON ?= python3
 BIN = $(VENV)/bin
+OLDEST_BIN = $(OLDEST_VENV)/bin
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -e ".[lab,test]"
 	touch $@
 
-.PHONY: lab test
+$(OLDEST_BIN)/.releases: .ci/oldest-versions.txt
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_BIN)/python -m pip install -q -r .ci/oldest-versions.txt
+	touch $@
+
+$(OLDEST_BIN)/.installed: pyproject.toml $(OLDEST_BIN)/.releases
+	$(OLDEST_BIN)/python -m pip install -q -c .ci/oldest-versions.txt -e ".[test]"
+	touch $@
+
+.PHONY: lab test test-kernels test-oldest
 lab: $(BIN)/.installed
 	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest --nbval tests notebooks
+
+# another CPU's summation order: every committed output must hold there too
+test-kernels: $(BIN)/.installed
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -p no:cacheprovider --nbval notebooks
+
+# outputs may differ between releases; every cell still runs and every assert still holds
+test-oldest: $(OLDEST_BIN)/.installed
+	$(OLDEST_BIN)/python -m pytest -p no:cacheprovider --nbval-lax tests notebooks

@@ -134,14 +134,14 @@ def test_the_package_ships_a_full_schedule_resnet20():
 @pytest.mark.parametrize("recorded, held_out, today", [
     # made while the 45k/5k split was the default: the command does not say so; today it must
     ("/opt/venv/bin/python3 -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --out /tmp/job",
-     5_000, "annotated-resnet reproduce --runs resnet20 --budget-minutes 3.7 --split"),
+     5_000, "annotated-resnet reproduce --runs resnet20 --split"),
     # made on all 50k with the old flag, which today's default makes unnecessary
     ("/usr/bin/python -m annotated_resnet.gpu_job --runs plain20 --no-split --out=/scratch/a --iterations 3000",
      0, "annotated-resnet reproduce --runs plain20 --iterations 3000"),
     # made today, both ways
     ("/home/u/.venv/bin/annotated-resnet reproduce fig6 table6 --out runs/paper --split", 5_000,
      "annotated-resnet reproduce fig6 table6 --split"),
-    ("annotated-resnet reproduce --runs 'resnet110@1' --data /d/cifar10.tar.gz", 0,
+    ("annotated-resnet reproduce --runs 'resnet110@1' --budget-minutes=30 --data /d/cifar10.tar.gz", 0,
      "annotated-resnet reproduce --runs resnet110@1 --data /d/cifar10.tar.gz"),
 ])
 def test_command_today_repeats_the_run_with_todays_defaults(tmp_path, recorded, held_out, today):

@@ -50,6 +50,24 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert "make test" in ci_commands
 
 
+def test_ci_runs_the_other_kernels_and_the_oldest_releases_too():
+    ci_commands = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert "make test-kernels" in ci_commands and "make test-oldest" in ci_commands
+    makefile = (ROOT / "Makefile").read_text()
+    kernels = re.search(r"^test-kernels:.*\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    assert "ATEN_CPU_CAPABILITY=avx2" in kernels and "--nbval notebooks" in kernels
+
+
+def test_the_oldest_releases_tested_are_pyprojects_lower_bounds():
+    pinned = dict(line.split("==") for line in (ROOT / ".ci" / "oldest-versions.txt").read_text().splitlines()
+                  if line and not line.startswith("#"))
+    bounds = pyproject_requirements()
+    assert pinned.keys() == {"torch", "torchvision", "fastai"}
+    for name, version in pinned.items():
+        floor = bounds[name].removeprefix(">=")
+        assert version.split(".")[:len(floor.split("."))] == floor.split(".") or version == floor, (name, version)
+
+
 def test_readme_badge_is_built_from_the_one_place_that_names_the_repository():
     import importlib.util
 

@@ -12,7 +12,7 @@ from annotated_resnet.training.batches import DeviceBatches
 from annotated_resnet.data import pixel_mean
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.training.recipe import paper_recipe, sgd
-from annotated_resnet.training.step import TrainingStep, autocast, choose_precision, grad_scaler
+from annotated_resnet.training.step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
@@ -182,3 +182,17 @@ def test_cuda_graph_step_trains_like_the_eager_step(precision):
     initial = torch.cat([p.flatten() for p in tiny_model().parameters()]).to(device)
     change = (params[False] - initial).norm()
     assert (params[True] - params[False]).norm() < 0.05 * change
+
+
+def test_the_device_variable_chooses_the_device_and_with_it_the_notebooks_scale(monkeypatch):
+    from annotated_resnet.course.scale import run_scale
+
+    monkeypatch.delenv("ANNOTATED_RESNET_SCALE", raising=False)
+    monkeypatch.setenv("ANNOTATED_RESNET_DEVICE", "cpu")
+    assert choose_device() == CPU and run_scale() == "small"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine kept on the CPU
+    assert choose_device() == CPU and run_scale() == "small"
+    assert choose_device("cpu") == CPU
+    monkeypatch.setenv("ANNOTATED_RESNET_DEVICE", "")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert choose_device() == torch.device("cuda", 0) and run_scale() == "large"

@@ -152,7 +152,8 @@ class ReferenceRun:
         """The command that repeats this run with today's package: ``annotated-resnet reproduce``
         with the options its provenance records (older runs recorded the same job as
         ``python -m annotated_resnet.gpu_job``), less the machine's output folder (``--out``; the
-        default is ``runs/paper``), and with the training set said explicitly: ``--split`` where
+        default is ``runs/paper``) and time budget (``--budget-minutes``, which suits one GPU and
+        not another; without it the job runs to the end), and with the training set said explicitly: ``--split`` where
         the run held out 5,000 images, no ``--no-split`` (all 50k images is the default). A
         ``--data`` option stays; a copy of CIFAR-10 the run found through
         ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the command
@@ -168,9 +169,9 @@ class ReferenceRun:
         program = ["annotated-resnet", "reproduce"]
         options, rest = [], iter(words[start:])
         for word in rest:
-            if word == "--out":
+            if word in ("--out", "--budget-minutes"):
                 next(rest, None)
-            elif not word.startswith("--out=") and word not in ("--split", "--no-split"):
+            elif not word.startswith(("--out=", "--budget-minutes=")) and word not in ("--split", "--no-split"):
                 options.append(word)
         if self.held_out:
             options.append("--split")

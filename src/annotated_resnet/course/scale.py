@@ -2,7 +2,8 @@
 
 ``small`` fits a 2-core CPU (each notebook in about 2 minutes; the test suite runs this);
 ``large`` fits a Colab GPU (each notebook in about 10 minutes). The scale is chosen from the
-hardware and overridden by the environment variable ``ANNOTATED_RESNET_SCALE``. The paper's
+device the package trains on (a CUDA GPU, unless ``ANNOTATED_RESNET_DEVICE=cpu``) and
+overridden by the environment variable ``ANNOTATED_RESNET_SCALE``. The paper's
 full recipe runs from the command line (``annotated-resnet train``), not in a notebook.
 """
 
@@ -10,19 +11,20 @@ from __future__ import annotations
 
 import os
 
-import torch
+from ..training.step import choose_device
 
 SCALES = ("small", "large")
 SCALE_VARIABLE = "ANNOTATED_RESNET_SCALE"
 
 
 def run_scale() -> str:
-    """``$ANNOTATED_RESNET_SCALE`` if set, else ``large`` with a CUDA GPU and ``small`` without."""
+    """``$ANNOTATED_RESNET_SCALE`` if set, else ``large`` when training goes to a CUDA GPU
+    (:func:`~annotated_resnet.training.step.choose_device`) and ``small`` otherwise."""
     chosen = os.environ.get(SCALE_VARIABLE, "").strip().lower()
     if chosen and chosen not in SCALES:
         raise ValueError(f"{SCALE_VARIABLE}={chosen!r} is not a run scale; expected one of {SCALES} "
                          f"(or leave it unset to choose by hardware)")
-    return chosen or ("large" if torch.cuda.is_available() else "small")
+    return chosen or ("large" if choose_device().type == "cuda" else "small")
 
 
 def at_scale(small, large):

@@ -15,6 +15,7 @@ never waits for the GPU to learn whether a step was skipped.
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch import nn
@@ -25,10 +26,15 @@ PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
+#: Names the device to train on when none is given (``cpu`` keeps a GPU machine on the CPU).
+DEVICE_VARIABLE = "ANNOTATED_RESNET_DEVICE"
+
+
 def choose_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else the GPU when there is one, else the CPU."""
+    """``device`` if given, else ``$ANNOTATED_RESNET_DEVICE`` if set, else the GPU when there is
+    one, else the CPU."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = os.environ.get(DEVICE_VARIABLE) or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
