@@ -62,8 +62,8 @@ def test_the_oldest_releases_tested_are_pyprojects_lower_bounds():
     pinned = dict(line.split("==") for line in (ROOT / ".ci" / "oldest-versions.txt").read_text().splitlines()
                   if line and not line.startswith("#"))
     bounds = pyproject_requirements()
-    assert pinned.keys() == {"torch", "torchvision", "fastai"}
-    for name, version in pinned.items():
+    assert {"torch", "torchvision", "fastai"} <= pinned.keys()
+    for name, version in ((name, pinned[name]) for name in ("torch", "torchvision", "fastai")):
         floor = bounds[name].removeprefix(">=")
         assert version.split(".")[:len(floor.split("."))] == floor.split(".") or version == floor, (name, version)
 
