@@ -13,11 +13,13 @@ from annotated_resnet.course.imagenet_recipe import (PAPER, TORCHVISION_REFERENC
 
 def test_the_paper_recipe_has_sec_3_4_numbers():
     assert (PAPER.batch_size, PAPER.lr, PAPER.momentum, PAPER.weight_decay) == (256, 0.1, 0.9, 1e-4)
-    assert PAPER.iterations == 600_000 and round(PAPER.epochs) == 120
+    assert PAPER.iterations == 600_000 and round(PAPER.epochs) == 120 and PAPER.iterations_upper_bound
     assert round(TORCHVISION_REFERENCE.epochs) == 90
     assert "[256, 480]" in PAPER.training_crop and "640" in PAPER.testing
     text = PAPER.describe()
-    assert text.splitlines()[0] == PAPER.name and "600,000 iterations = 120 epochs" in text
+    assert text.splitlines()[0] == PAPER.name and "up to 600,000 iterations" in text
+    assert "= 120 epochs" not in text and "at most 120 epochs" in text        # "up to": an upper bound
+    assert "450,410 iterations = 90 epochs" in TORCHVISION_REFERENCE.describe()
 
 
 def test_compare_marks_what_torchvision_keeps_and_changes():

@@ -1,5 +1,6 @@
 """Table 1 of the paper, rebuilt from the code: per stage the output size and block layout,
-per network the parameters and multiply-adds.
+per network the multiply-adds (Table 1's "FLOPs") and the parameters (which Table 1 does not
+give; we count them as well).
 
 Multiply-adds are counted by ``torch.utils.flop_counter.FlopCounterMode``, which counts the
 convolutions and matrix products of one real forward pass (2 FLOPs per multiply-add). The
@@ -79,7 +80,8 @@ def block_layout(block: nn.Module) -> str:
 
 def table1(depths=tuple(IMAGENET_LAYOUTS), input_size: int = 224, device: str = "meta") -> list[dict]:
     """One row per network of Table 1 (option B, the paper's "v1" stride placement):
-    depth, per-stage output size and layout, parameters and multiply-adds (GMACs).
+    depth, per-stage output size and layout, multiply-adds (GMACs) and parameters (the last
+    are our addition: Table 1 has no parameter counts).
 
     The networks are built on ``device``: by default PyTorch's meta device, whose tensors
     have shapes but no data, so the forward pass that the counter and the hooks watch runs

@@ -133,9 +133,10 @@ class Bottleneck(nn.Module):
     """The bottleneck block of Fig. 5: 1x1 (reduce to ``width``), 3x3, 1x1 (restore to
     4 x ``width``), each followed by BN.
 
-    The paper downsamples with the first 1x1 convolution ("v1", ``stride_on_3x3=False``);
-    torchvision strides the 3x3 instead ("v1.5", ``stride_on_3x3=True``). Weight shapes are
-    the same either way.
+    Where a downsampling block puts its stride, the paper's text does not say. Table 1's FLOPs
+    and the Caffe models the authors released put it on the first 1x1 convolution ("v1",
+    ``stride_on_3x3=False``, the default); torchvision strides the 3x3 instead ("v1.5",
+    ``stride_on_3x3=True``). Weight shapes are the same either way.
     """
 
     expansion = 4

@@ -91,3 +91,74 @@ def plot_revolution_of_depth(entries=ILSVRC_ENTRIES):
     ax.set_title("ILSVRC classification: the revolution of depth")
     fig.tight_layout()
     return fig
+
+
+# --- Tables 3 to 5 of the paper: ResNets beside the earlier methods (notebook 5) ---
+
+
+class PaperResult(NamedTuple):
+    """One row of the paper's Table 3, 4 or 5: ImageNet error (%), top-1 (``None`` where the
+    table gives none) and top-5; ``earlier`` marks the methods that came before ResNets."""
+
+    table: int
+    method: str
+    top1: float | None
+    top5: float
+    earlier: bool = False
+    note: str = ""
+
+
+#: What each table measures, as its caption says.
+RESULT_TABLES = {
+    3: "Table 3: one model, 10-crop testing, ImageNet validation set",
+    4: "Table 4: one model, ImageNet validation set (each method's best single-model result)",
+    5: "Table 5: ensembles, ImageNet test set (top-5 only, from the test server)",
+}
+
+#: The rows of Tables 3 to 5, the earlier methods first, as the paper prints them.
+PAPER_RESULTS = (
+    PaperResult(3, "VGG-16", 28.07, 9.33, True, "tested by the ResNet authors"),
+    PaperResult(3, "GoogLeNet", None, 9.15, True),
+    PaperResult(3, "PReLU-net", 24.27, 7.38, True),
+    PaperResult(3, "plain-34", 28.54, 10.02),
+    PaperResult(3, "ResNet-34 A", 25.03, 7.76),
+    PaperResult(3, "ResNet-34 B", 24.52, 7.46),
+    PaperResult(3, "ResNet-34 C", 24.19, 7.40),
+    PaperResult(3, "ResNet-50", 22.85, 6.71),
+    PaperResult(3, "ResNet-101", 21.75, 6.05),
+    PaperResult(3, "ResNet-152", 21.43, 5.71),
+    PaperResult(4, "VGG (ILSVRC'14)", None, 8.43, True, "on the test set"),
+    PaperResult(4, "GoogLeNet (ILSVRC'14)", None, 7.89, True),
+    PaperResult(4, "VGG (v5)", 24.4, 7.1, True),
+    PaperResult(4, "PReLU-net", 21.59, 5.71, True),
+    PaperResult(4, "BN-Inception", 21.99, 5.81, True),
+    PaperResult(4, "ResNet-34 B", 21.84, 5.71),
+    PaperResult(4, "ResNet-34 C", 21.53, 5.60),
+    PaperResult(4, "ResNet-50", 20.74, 5.25),
+    PaperResult(4, "ResNet-101", 19.87, 4.60),
+    PaperResult(4, "ResNet-152", 19.38, 4.49),
+    PaperResult(5, "VGG (ILSVRC'14)", None, 7.32, True),
+    PaperResult(5, "GoogLeNet (ILSVRC'14)", None, 6.66, True),
+    PaperResult(5, "VGG (v5)", None, 6.8, True),
+    PaperResult(5, "PReLU-net", None, 4.94, True),
+    PaperResult(5, "BN-Inception", None, 4.82, True),
+    PaperResult(5, "ResNet (ILSVRC'15)", None, 3.57, note="six models of different depths"),
+)
+
+
+def paper_results(table: int, results=PAPER_RESULTS) -> dict[str, PaperResult]:
+    """The rows of one table, by method."""
+    return {r.method: r for r in results if r.table == table}
+
+
+def format_results(table: int, results=PAPER_RESULTS) -> str:
+    """One table as text: its caption, then method, top-1 and top-5 error, the earlier methods
+    marked "earlier"."""
+    rows = paper_results(table, results).values()
+    width = max(len(r.method) for r in rows) + 2
+    lines = [RESULT_TABLES[table], f"  {'method':<{width}}{'top-1':>7}{'top-5':>7}"]
+    for r in rows:
+        top1 = "-" if r.top1 is None else f"{r.top1:.2f}"
+        remarks = ", ".join(x for x in ("earlier" if r.earlier else "", r.note) if x)
+        lines.append(f"  {r.method:<{width}}{top1:>7}{r.top5:>7.2f}" + (f"   ({remarks})" if remarks else ""))
+    return "\n".join(lines)

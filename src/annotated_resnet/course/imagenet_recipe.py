@@ -6,9 +6,11 @@ Training (Sec. 3.4): the image's shorter side is resized to a random length in [
 (scale augmentation, from VGG [41]); a random 224x224 crop of it or of its horizontal flip is
 taken; the per-pixel mean is subtracted; AlexNet's colour augmentation [21] is applied. BN
 follows every convolution, weights start as in He et al. [13]; SGD with mini-batches of 256,
-learning rate 0.1 divided by 10 when the error plateaus, up to 600,000 iterations, weight decay
-1e-4, momentum 0.9, no dropout. Testing: 10 crops for the comparisons; for the best results,
-the fully convolutional network on the whole image at several scales, scores averaged.
+learning rate 0.1 divided by 10 when the error plateaus, up to 600,000 iterations (an upper
+bound: the paper does not say how long each net trained), weight decay 1e-4, momentum 0.9, no
+dropout. Testing: the standard 10-crop testing of AlexNet [21] for the comparisons; for the
+best results, the fully convolutional network on the whole image at several scales, scores
+averaged.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ class ImageNetRecipe:
     dropout: str
     bottleneck_stride: str
     testing: str
+    #: ``True`` where ``iterations`` is the most the recipe allows, not the length of a run
+    iterations_upper_bound: bool = False
 
     @property
     def epochs(self) -> float:
@@ -53,13 +57,15 @@ class ImageNetRecipe:
 
     def rows(self) -> list[tuple[str, str]]:
         """``(field, value)`` for every field, numbers written out, the length in iterations
-        and in epochs."""
+        and in epochs (as "up to ..., at most ... epochs" where it is only an upper bound)."""
         rows = []
         for f in dataclasses.fields(self):
-            if f.name == "name":
+            if f.name in ("name", "iterations_upper_bound"):
                 continue
             value = getattr(self, f.name)
-            if f.name == "iterations":
+            if f.name == "iterations" and self.iterations_upper_bound:
+                value = f"up to {value:,} iterations (an upper bound: at most {self.epochs:.0f} epochs)"
+            elif f.name == "iterations":
                 value = f"{value:,} iterations = {self.epochs:.0f} epochs"
             rows.append((f.name.replace("_", " "), str(value)))
         return rows
@@ -70,9 +76,10 @@ class ImageNetRecipe:
         return "\n".join([self.name] + [f"  {name:<{width}}{value}" for name, value in self.rows()])
 
 
-#: Sec. 3.4, in numbers. The "10-crop" views are the usual ones (four corners and the centre
-#: of the image resized to a shorter side of 256, and their mirror images); the paper names
-#: the practice [21] without the resize.
+#: Sec. 3.4, in numbers. Its 600,000 iterations are an upper bound ("up to"), not the length of
+#: every run. Sec. 3.4 names the 10-crop test by citing AlexNet [21] and gives no sizes; the
+#: views of :func:`ten_crops` (corners and centre of the image resized to a shorter side of 256,
+#: and of its mirror image) are the common practice, not the paper's text.
 PAPER = ImageNetRecipe(
     name="He et al. (2015), Sec. 3.4",
     training_crop="shorter side resized to a random length in [256, 480], then a random 224x224 crop",
@@ -89,7 +96,8 @@ PAPER = ImageNetRecipe(
     momentum=0.9,
     dropout="none",
     bottleneck_stride="first 1x1 convolution (not in the text: Table 1's FLOPs and the released Caffe models)",
-    testing="10-crop for comparisons; best results: fully convolutional, shorter side in {224, 256, 384, 480, 640}, scores averaged",
+    testing="10-crop [21] for comparisons; best results: fully convolutional, shorter side in {224, 256, 384, 480, 640}, scores averaged",
+    iterations_upper_bound=True,
 )
 
 #: torchvision's reference training script for its ResNets (references/classification, the
@@ -191,8 +199,9 @@ def torchvision_training_transform():
 
 
 def ten_crops(image: torch.Tensor, resize: int = 256, crop: int = 224) -> list[torch.Tensor]:
-    """The 10 test views [21]: corners and centre of the image resized to a shorter side of
-    ``resize``, and of its mirror image."""
+    """The 10 test views: corners and centre of the image resized to a shorter side of
+    ``resize``, and of its mirror image. Sec. 3.4 only cites AlexNet [21] for 10-crop testing;
+    the resize to 256 is the common practice, not the paper's text."""
     return list(v2.TenCrop(crop)(v2.Resize(resize, antialias=True)(image)))
 
 
