@@ -17,7 +17,6 @@ from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_sp
 from annotated_resnet.course.ilsvrc import ILSVRC_ENTRIES, ilsvrc_winners, plot_revolution_of_depth
 from annotated_resnet.course.probes import (
     NET_COLORS,
-    activation_gradient_norms,
     deepen_with_identity_layers,
     gradient_norms,
     identity_block,
@@ -28,7 +27,7 @@ from annotated_resnet.course.probes import (
     plot_gradient_norms,
     probe_batch,
     reestimate_batchnorm_,
-    relative_gradients,
+    probe,
     signal_stds,
     spread,
     weight_norms,
@@ -308,35 +307,40 @@ def test_each_net_keeps_its_colour_in_every_plot():
     assert len(set(NET_COLORS.values())) == len(NET_COLORS)
 
 
-def test_relative_gradient_is_gradient_over_weight_norm_and_scale_free_under_batchnorm():
-    torch.manual_seed(0)
-    model = create_model("plain20")
-    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
-    grads, weights = gradient_norms(model, images, labels), weight_norms(model)
-    relative = relative_gradients(model, images, labels)
-    assert list(relative) == list(grads) == list(weights)
-    for name in relative:
-        assert relative[name] == pytest.approx(grads[name] / weights[name])
-    conv = model.layer1[0].conv1                      # followed by BN: scaling W by 10 divides dL/dW by 10
-    with torch.no_grad():
-        conv.weight.mul_(10)
-    scaled = gradient_norms(model, images, labels)
-    assert scaled["layer1.0.conv1"] == pytest.approx(grads["layer1.0.conv1"] / 10, rel=1e-3)
-
-
-def test_activation_gradient_norms_one_per_block_and_model_left_as_it_was():
+def test_probe_measures_in_one_pass_what_the_single_probes_measure():
     torch.manual_seed(0)
     model = create_model("resnet20").eval()
     before = copy.deepcopy(model.state_dict())
     images, labels = torch.randn(4, 3, 32, 32), torch.arange(4)
-    norms = activation_gradient_norms(model, images, labels)
-    assert list(norms) == ["stem"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
-    assert all(v > 0 for v in norms.values())
+    result = probe(model, images, labels)
+    assert result.weight_gradients == pytest.approx(gradient_norms(model, images, labels), rel=1e-12)
+    assert result.signal == pytest.approx(signal_stds(model, images), rel=1e-12)
+    assert result.weights == pytest.approx(weight_norms(model), rel=1e-12)
+    for name, step in result.relative_steps.items():
+        assert step == pytest.approx(result.weight_gradients[name] / result.weights[name])
+    assert list(result.activation_gradients) == ["stem"] + [f"layer{i}.{j}" for i in (1, 2, 3) for j in range(3)]
     assert not model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
     # the last block's value is the gradient with respect to its output, computed by hand
-    probe = copy.deepcopy(model).double().train()
-    features = probe.layer3(probe.layer2(probe.layer1(probe.relu(probe.bn1(probe.conv1(images.double()))))))
+    copy_ = copy.deepcopy(model).double().train()
+    features = copy_.layer3(copy_.layer2(copy_.layer1(copy_.relu(copy_.bn1(copy_.conv1(images.double()))))))
     features.retain_grad()
-    torch.nn.functional.cross_entropy(probe.fc(features.mean(dim=(2, 3))), labels).backward()
-    assert norms["layer3.2"] == pytest.approx(features.grad.norm().item(), rel=1e-9)
+    torch.nn.functional.cross_entropy(copy_.fc(features.mean(dim=(2, 3))), labels).backward()
+    assert result.activation_gradients["layer3.2"] == pytest.approx(features.grad.norm().item(), rel=1e-9)
+
+
+def test_under_batchnorm_scaling_a_conv_divides_its_gradient_and_leaves_its_relative_step_scaled_by_its_square():
+    torch.manual_seed(0)
+    model = create_model("plain20")
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eps = 1e-30                               # next to nothing added to the variance: exact invariance
+    images, labels = torch.randn(8, 3, 32, 32), torch.arange(8)
+    before = probe(model, images, labels)
+    with torch.no_grad():
+        model.layer1[0].conv1.weight.mul_(10)
+    after = probe(model, images, labels)
+    name = "layer1.0.conv1"
+    assert after.weight_gradients[name] == pytest.approx(before.weight_gradients[name] / 10, rel=1e-6)
+    assert after.relative_steps[name] == pytest.approx(before.relative_steps[name] / 100, rel=1e-6)
+    assert after.activation_gradients == pytest.approx(before.activation_gradients, rel=1e-6)

@@ -73,14 +73,18 @@ def weight_norms(model: nn.Module) -> dict[str, float]:
     return {name: m.weight.detach().double().norm().item() for name, m in weighted_layers(model)}
 
 
-def relative_gradients(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """||dL/dW|| / ||W|| for every weighted layer, input side first: how far, relative to its own
-    size, one SGD step of learning rate 1 would move the layer's weights (multiply by the
-    learning rate for a real step). For a convolution followed by batch norm the loss does not
-    change when W is scaled, so the raw gradient norm shrinks like 1 / ||W|| and only this ratio
-    says how hard a layer is pushed."""
-    grads, weights = gradient_norms(model, images, labels), weight_norms(model)
-    return {name: grads[name] / weights[name] for name in grads}
+class Probe(NamedTuple):
+    """What one forward and backward pass of :func:`probe` measures, each a dict in the order the
+    input meets the layers: per weighted layer, the ``weight_gradients`` (||dL/dW||), the
+    ``weights`` (||W||) and the ``relative_steps`` (||dL/dW|| / ||W||); per block (the stem,
+    then every block), the ``activation_gradients`` (||dL/dy|| for the block's output y, the
+    backward signal) and the ``signal`` (the standard deviation of y, the forward signal)."""
+
+    weight_gradients: dict[str, float]
+    weights: dict[str, float]
+    relative_steps: dict[str, float]
+    activation_gradients: dict[str, float]
+    signal: dict[str, float]
 
 
 def _blocks(model: ResNet) -> list[tuple[str, nn.Module]]:
@@ -89,12 +93,19 @@ def _blocks(model: ResNet) -> list[tuple[str, nn.Module]]:
                                      for j, block in enumerate(stage)]
 
 
-def activation_gradient_norms(model: ResNet, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """The backward signal: for one batch, the L2 norm of the gradient of the mean cross-entropy
-    loss with respect to what the stem and each block output (the activations, not the weights),
-    input side first. Training mode, float64, on a copy of the model (see :func:`_float64_copy`)."""
+def probe(model: ResNet, images: torch.Tensor, labels: torch.Tensor) -> Probe:
+    """Everything notebook 2 measures about a net, from one forward and one backward pass of the
+    mean cross-entropy loss L on one batch, in training mode and float64, on a copy of the model
+    (see :func:`_float64_copy`), so the model is left as it was.
+
+    ``relative_steps``: how far, relative to its own size, one SGD step of learning rate 1 would
+    move each layer's weights (multiply by the learning rate for a real step). For a convolution
+    followed by batch norm the loss does not change when W is scaled, so the raw gradient norm
+    shrinks like 1 / ||W||, and only this ratio says how hard a layer is pushed.
+    ``activation_gradients``: the gradient with respect to what each block outputs, the
+    "backward propagated" signal, as opposed to the gradient with respect to the weights."""
     _check_batch(images, labels)
-    probe, outputs = _float64_copy(model), {}
+    copy_, outputs = _float64_copy(model), {}
 
     def record(name):
         def hook(module, inputs, output):
@@ -103,10 +114,16 @@ def activation_gradient_norms(model: ResNet, images: torch.Tensor, labels: torch
                 outputs[name] = output
         return hook
 
-    for name, module in _blocks(probe):
+    for name, module in _blocks(copy_):
         module.register_forward_hook(record(name))
-    F.cross_entropy(probe(images.to(torch.float64)), labels).backward()
-    return {name: output.grad.norm().item() for name, output in outputs.items()}
+    logits = copy_(images.to(torch.float64))
+    signal = {name: output.std().item() for name, output in outputs.items()}
+    F.cross_entropy(logits, labels).backward()
+    layers = weighted_layers(copy_)
+    grads = {name: m.weight.grad.norm().item() for name, m in layers}
+    weights = {name: m.weight.detach().norm().item() for name, m in layers}
+    return Probe(grads, weights, {name: grads[name] / weights[name] for name in grads},
+                 {name: output.grad.norm().item() for name, output in outputs.items()}, signal)
 
 
 def signal_stds(model: ResNet, images: torch.Tensor) -> dict[str, float]:
