@@ -153,3 +153,11 @@ def test_command_today_refuses_a_command_the_package_did_not_write(tmp_path):
     make_run(tmp_path, "run", "resnet20", 3_000, 0, command="python train_my_way.py")
     with pytest.raises(ValueError, match="did not write"):
         shipped_runs(tmp_path)[0].command_today()
+
+
+def test_every_shipped_run_prints_the_command_a_user_types_today():
+    for run in shipped_runs():
+        words = run.command_today().split()
+        assert words[:2] == ["annotated-resnet", "reproduce"]
+        assert not {"--out", "--budget-minutes", "-m"} & set(words) and "gpu_job" not in run.command_today()
+        assert ("--split" in words) == bool(run.held_out)
