@@ -1,8 +1,13 @@
 """The networks against the paper's numbers (Tables 1, 3, 6) and torchvision."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torchvision
+from torch import nn
 
 from annotated_resnet import (
     MODEL_NAMES,
@@ -14,7 +19,8 @@ from annotated_resnet import (
     stage_output_shapes,
     table1,
 )
-from annotated_resnet.model import ZeroPadShortcut
+from annotated_resnet.course.probes import naive_init_
+from annotated_resnet.model import ZeroPadShortcut, he_normal_
 
 # Table 6's parameters (0.27M ... 19.4M) as exact counts of the option-A networks, made
 # independently of this code.
@@ -176,6 +182,43 @@ def test_he_initialisation_and_default_classifier():
     conv = model.layer2[0].conv1  # 3x3, 32 filters: fan_out = 9 * 32
     assert abs(conv.weight.std().item() - (2 / (9 * 32)) ** 0.5) < 0.01
     assert model.fc.weight.abs().max() <= 1 / 64 ** 0.5  # PyTorch's default, bound 1/sqrt(fan_in)
+
+
+@pytest.mark.parametrize("fan", ["in", "out"])
+def test_he_normal_draws_the_spread_of_torchs_kaiming_normal(fan):
+    ours, torchs = torch.empty(256, 128, 3, 3), torch.empty(256, 128, 3, 3)
+    he_normal_(ours, fan=fan)
+    nn.init.kaiming_normal_(torchs, mode=f"fan_{fan}", nonlinearity="relu")
+    assert abs(ours.std() / torchs.std() - 1) < 0.01 and abs(ours.mean()) < 0.01 * ours.std()
+    with pytest.raises(ValueError, match="fan must be 'in' or 'out'"):
+        he_normal_(ours, fan="fan_in")
+
+
+INITIAL_WEIGHTS = """
+import sys, torch
+from annotated_resnet import create_model
+from annotated_resnet.course.probes import naive_init_
+torch.manual_seed(0)
+he, naive = create_model("plain56").state_dict(), naive_init_(create_model("plain20")).state_dict()
+torch.save({**he, **{"naive." + k: v for k, v in naive.items()}}, sys.argv[1])
+"""
+
+
+def test_the_initial_weights_do_not_depend_on_the_cpus_vector_kernels(tmp_path):
+    # float32 normals come from AVX2 code on most x86 CPUs and from scalar code on ARM; under
+    # ATEN_CPU_CAPABILITY=default this CPU takes the scalar code too
+    kernels = ["default"] + (["avx2"] if torch.backends.cpu.get_cpu_capability() != "DEFAULT" else [])
+    weights = {}
+    for kernel in kernels:
+        file = tmp_path / f"{kernel}.pt"
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": kernel}
+        subprocess.run([sys.executable, "-c", INITIAL_WEIGHTS, str(file)], env=env, check=True)
+        weights[kernel] = torch.load(file, weights_only=True)
+    torch.manual_seed(0)
+    here = create_model("plain56").state_dict()
+    here.update({"naive." + k: v for k, v in naive_init_(create_model("plain20")).state_dict().items()})
+    for kernel, state in weights.items():
+        assert all(torch.equal(state[k], here[k]) for k in here), f"{kernel} kernels draw other initial weights"
 
 
 # --- bad input: each error says what was expected ---

@@ -12,6 +12,7 @@ from annotated_resnet.cli import build_parser, main, runs_from_args
 from annotated_resnet.data import load_cifar10
 from annotated_resnet.reference_runs import list_reference_runs, load_reference_run, longest_reference_run
 from annotated_resnet.model import cifar_resnet
+from annotated_resnet.training.reproduce import shipped_weights
 from annotated_resnet.training.step import describe_precision
 from annotated_resnet.training.train import paper_recipe, train
 
@@ -62,6 +63,7 @@ def test_job_writes_reference_runs_and_resumes(image_tree, tmp_path, monkeypatch
         assert provenance["command"] == "annotated-resnet reproduce " + " ".join(job_args(image_tree, out))
         assert provenance["date"].startswith("20")
         assert state_dict["fc.weight"].dtype == torch.float16
+        assert state_dict["bn1.running_var"].dtype == state_dict["layer3.2.bn2.running_mean"].dtype == torch.float32
         model = cifar_resnet(**provenance["model"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     # resnet20 continued from its checkpoint: its first epoch is the one trained before the job
@@ -153,3 +155,15 @@ def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path)
 
 def test_the_package_ships_its_full_schedule_resnet20():
     assert longest_reference_run("resnet20").parent.name == "full_schedule"
+
+
+def test_shipped_weights_keep_batchnorm_statistics_that_pass_fp16s_largest_number():
+    model = cifar_resnet(20, base_width=4)
+    model.bn1.running_var.fill_(1e6)     # as in plain-56 after training: above 65,504
+    stored = shipped_weights(model.state_dict())
+    assert torch.equal(stored["bn1.running_var"], model.bn1.running_var)
+    assert stored["conv1.weight"].dtype == torch.float16
+    assert stored["bn1.num_batches_tracked"].dtype == torch.int64
+    restored = cifar_resnet(20, base_width=4)
+    restored.load_state_dict(stored)
+    assert torch.isfinite(restored.bn1.running_var).all()

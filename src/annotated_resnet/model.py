@@ -15,6 +15,7 @@ Parameter names follow torchvision's ``models/resnet.py`` (``conv1``, ``bn1``, `
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -172,6 +173,32 @@ class Bottleneck(nn.Module):
 # --- 3. The network (Fig. 3, Table 1, Sec. 4.2) ---
 
 
+@torch.no_grad()
+def normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
+    """Fill ``weight`` from N(0, std^2), the same numbers on every CPU for the same seed.
+
+    The numbers are drawn in float64 on the CPU's default generator, then rounded to the
+    weight's dtype: PyTorch fills float32 normals with AVX2 code where the CPU has it and with
+    scalar code elsewhere (ARM, or ``ATEN_CPU_CAPABILITY=default``), and the two differ in the
+    last bits; its float64 fill is the same scalar code on every CPU.
+    """
+    return weight.copy_(torch.empty(weight.shape, dtype=torch.float64).normal_(0.0, std))
+
+
+@torch.no_grad()
+def he_normal_(weight: torch.Tensor, fan: str = "out") -> torch.Tensor:
+    """Fill a conv weight from N(0, 2 / fan), He et al. [13] as cited in Sec. 3.4.
+
+    ``fan="out"`` (the package's choice, and torchvision's for ResNets): the layer's filters
+    times its kernel area; ``fan="in"``: its input channels times its kernel area. Drawn with
+    :func:`normal_`, so ``torch.manual_seed(s)`` builds the same network on every machine.
+    """
+    if fan not in ("in", "out"):
+        raise ValueError(f"fan must be 'in' or 'out', got {fan!r}")
+    fans = {"in": weight.shape[1], "out": weight.shape[0]}
+    return normal_(weight, math.sqrt(2.0 / (fans[fan] * weight[0, 0].numel())))
+
+
 class ResNet(nn.Module):
     """A stem, stages of blocks, global average pooling and a fully connected classifier.
 
@@ -231,7 +258,7 @@ class ResNet(nn.Module):
         """He initialization of every convolution; BN at identity; default classifier."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                he_normal_(m.weight)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)

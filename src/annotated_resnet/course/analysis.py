@@ -178,10 +178,11 @@ class ReferenceRun:
         return shlex.join(program + options)
 
     def model(self, cifar=None, reestimate_images: int = 1000) -> ResNet:
-        """The trained network (its fp16 weights loaded as float32), in eval mode.
+        """The trained network (its stored weights loaded as float32), in eval mode.
 
-        fp16 holds numbers up to 65,504; a BN running variance above that is stored as infinity
-        and silences its channel in eval mode. Where that happened, BN's running statistics are
+        fp16 holds numbers up to 65,504; a file that stores BN's running variances in fp16 (as
+        the shipped plain-56 does) holds any larger one as infinity, which silences its channel
+        in eval mode. Where that happened, BN's running statistics are
         re-estimated from ``reestimate_images`` of the run's own training images, taken from
         ``cifar`` (:func:`annotated_resnet.course.probes.reestimate_batchnorm_`); the learned weights
         stay as trained."""

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
-from ..model import BasicBlock, ResNet, cifar_resnet
+from ..model import BasicBlock, ResNet, cifar_resnet, normal_
 
 # --- 1. Gradients and forward signals (Sec. 1, Sec. 4.1) ---
 
@@ -181,7 +181,7 @@ def naive_init_(model: nn.Module, std: float = 0.01) -> nn.Module:
     fan-in, the kind of initialization that normalized (He) initialization replaced."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, mean=0.0, std=std)
+            normal_(m.weight, std)
     return model
 
 

@@ -11,7 +11,9 @@ written in the reference-run format (the names below), which
                             train_error, val_error (null without a split), test_error, lr,
                             seconds (wall-clock since the start of training), and
                             processes in a data-parallel run
-    <run>/weights-fp16.pt   the model's state_dict, floating tensors in fp16
+    <run>/weights-fp16.pt   the model's state_dict: learned weights in fp16, batch norm's
+                            running statistics in fp32 (a running variance can pass
+                            fp16's largest number, 65,504)
                             (``torch.load(..., weights_only=True)``; build the model with
                             ``cifar_resnet(**provenance["model"])``)
     <run>/provenance.json   where the numbers come from: GPU, torch version, data source,
@@ -72,8 +74,7 @@ def write_results(folder: Path, name: str, source: str, command: str, device: st
     """``weights-fp16.pt`` and ``provenance.json`` of a finished run, from its checkpoint."""
     checkpoint = load_checkpoint(folder / CHECKPOINT_NAME)
     recipe = Recipe(**checkpoint["recipe"])
-    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["model_state"].items()}
-    atomic_save(weights, folder / WEIGHTS_NAME)
+    atomic_save(shipped_weights(checkpoint["model_state"]), folder / WEIGHTS_NAME)
     history = checkpoint["run"]["history"]
     provenance = {
         "run": name, "status": "finished", "iterations_done": checkpoint["run"]["iteration"],
@@ -91,6 +92,17 @@ def write_results(folder: Path, name: str, source: str, command: str, device: st
     tmp = folder / f".{PROVENANCE_NAME}.tmp"
     tmp.write_text(json.dumps(provenance, indent=2) + "\n")
     os.replace(tmp, folder / PROVENANCE_NAME)
+
+
+def shipped_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A trained state_dict as the reference-run format stores it: learned weights rounded to
+    fp16 (half the size), batch norm's running means and variances kept in fp32 (a plain
+    net's variances can pass fp16's largest number, 65,504, and would become infinity)."""
+    def stored(key: str, value: torch.Tensor) -> torch.Tensor:
+        if not value.is_floating_point():
+            return value
+        return value.float() if key.endswith(("running_mean", "running_var")) else value.half()
+    return {key: stored(key, value) for key, value in state_dict.items()}
 
 
 def training_set(data: dict) -> str:
