@@ -2,7 +2,7 @@
 #   make lab    create .venv, install the course, open the notebooks in JupyterLab
 #   make test   create .venv, install the course, run the unit tests and every notebook
 # and two more check the course beyond this machine's defaults (CI runs both):
-#   make test-kernels  the notebooks again with PyTorch limited to AVX2 kernels
+#   make test-kernels  the notebooks again under AVX2 kernels, then under scalar ones (as on ARM)
 #   make test-oldest   the oldest torch, torchvision and fastai admitted, in .venv-oldest
 VENV ?= .venv
 OLDEST_VENV ?= .venv-oldest
@@ -31,9 +31,10 @@ lab: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest --nbval tests notebooks
 
-# another CPU's summation order: every committed output must hold there too
+# other CPUs' kernels and summation orders: every committed output must hold there too
 test-kernels: $(BIN)/.installed
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -p no:cacheprovider --nbval notebooks
+	ATEN_CPU_CAPABILITY=default $(BIN)/python -m pytest -p no:cacheprovider --nbval notebooks
 
 # outputs may differ between releases; every cell still runs and every assert still holds
 test-oldest: $(OLDEST_BIN)/.installed

@@ -78,8 +78,8 @@ def test_the_slow_cells_are_the_cells_that_train():
                 training.add((int(path.name[:2]), heading))
     slow = next(line for line in GUIDE.splitlines() if line.startswith("- Slow cells: "))
     assert set(guide_pointers(slow)) == training and training
-    phrase = ("the one cell that trains networks" if len(training) == 1
-              else f"the {NUMBER_WORDS[len(training)]} cells that train networks")
+    phrase = ("One cell is slow enough to start early: it trains" if len(training) == 1
+              else f"{NUMBER_WORDS[len(training)].capitalize()} cells are slow enough to start early: they train")
     assert phrase in GUIDE.replace("\n", " ")
 
 
@@ -91,8 +91,8 @@ def test_the_notebooks_that_train_longer_on_a_gpu_are_those_with_slow_cells():
     slow = next(line for line in GUIDE.splitlines() if line.startswith("- Slow cells: "))
     assert scaled == {number for number, _ in guide_pointers(slow)}
     words = GUIDE.replace("\n  ", " ").replace("\n", " ")
-    phrase = ("the one notebook with slow cells then trains longer" if len(scaled) == 1
-              else f"the {NUMBER_WORDS[len(scaled)]} notebooks with slow cells then train longer")
+    phrase = (f"notebook {min(scaled)}'s slow cell trains longer" if len(scaled) == 1
+              else "notebooks " + " and ".join(map(str, sorted(scaled))) + " train their slow cells longer")
     assert phrase in words
 
 

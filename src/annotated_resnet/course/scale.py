@@ -1,7 +1,8 @@
 """Run scales: how much each notebook trains.
 
 ``small`` fits a 2-core CPU (each notebook in about 2 minutes; the test suite runs this);
-``large`` fits a Colab GPU (each notebook in about 10 minutes). The scale is chosen from the
+``large`` is sized for a GPU (notebook 6 trains four nets for 4,000 mini-batches of 128 on
+all the data; not yet timed on Colab's T4). The scale is chosen from the
 device the package trains on (a CUDA GPU, unless ``ANNOTATED_RESNET_DEVICE=cpu``) and
 overridden by the environment variable ``ANNOTATED_RESNET_SCALE``. The paper's
 full recipe runs from the command line (``annotated-resnet train``), not in a notebook.
