@@ -115,6 +115,33 @@ def check_same_run(checkpoint: dict, now: dict, out) -> None:
                          "the settings it was started with, or choose another output folder")
 
 
+#: How a run computes, as its checkpoint records it; a resumed run goes on as it started.
+COMPUTE_SETTINGS = ("precision", "compile", "channels_last")
+
+
+def settings_to_resume(checkpoint: dict | None, out, **asked) -> dict:
+    """How a run computes (:data:`COMPUTE_SETTINGS`): what was ``asked`` for a new run; for a
+    resumed one, what its checkpoint recorded, so that the same command with ``--resume``
+    continues a bf16 compiled run as one. A setting asked for (not ``None`` or ``"auto"``) that
+    differs from the checkpoint's is refused: the run would silently change how it trains."""
+    if checkpoint is None:
+        return asked
+    saved = {key: checkpoint.get(key) for key in COMPUTE_SETTINGS}
+    if saved["precision"] is not None:  # older checkpoints list every precision: "bf16, then fp16"
+        saved["precision"] = saved["precision"].rsplit(", then ", 1)[-1]
+    settings = {}
+    for key, value in asked.items():
+        if value in (None, "auto"):
+            settings[key] = value if saved[key] is None else saved[key]
+        elif saved[key] is not None and value != saved[key]:
+            raise ValueError(f"the run in {str(out)!r} was trained with {key} {saved[key]}, not {value}; resume it "
+                             f"without the {key} option (it is taken from the checkpoint), or start a new run in "
+                             "another folder")
+        else:
+            settings[key] = value
+    return settings
+
+
 def check_same_device_type(checkpoint: dict, device: torch.device, out) -> None:
     """A run resumes on the kind of device it was trained on: the augmentation's generator of a
     GPU and of the CPU are different algorithms whose states do not convert, so the run could

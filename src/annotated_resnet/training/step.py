@@ -77,13 +77,6 @@ def describe_precision(device: torch.device, precisions: str, cuda_graph: bool =
     return f"{described}; channels_last, {'CUDA-graphed' if cuda_graph else 'eager'} step"
 
 
-def precision_history(before: str | None, now: str) -> str:
-    """The precisions of a resumed run: ``"bf16"``, or ``"bf16, then fp16"`` if it moved."""
-    if before is None or before.rsplit(", then ", 1)[-1] == now:
-        return before or now
-    return f"{before}, then {now}"
-
-
 def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
     """The gradient scaler that fp16 needs (``None`` for bf16 and fp32, whose range is fp32's)."""
     return torch.amp.GradScaler(device.type) if choose_precision(device, precision) == "fp16" else None

@@ -56,6 +56,7 @@ from .checkpoints import (
     check_same_device_type,
     check_same_processes,
     check_same_run,
+    settings_to_resume,
     checkpoint_to_resume,
     describe_model,
     write_log,
@@ -71,7 +72,7 @@ from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
 from .device_work import DEVICE_WORK
-from .step import TrainingStep, choose_device, choose_precision, grad_scaler, precision_history
+from .step import TrainingStep, choose_device, choose_precision, grad_scaler
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -167,9 +168,9 @@ class TrainResult:
 class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
-    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, precision: str, out,
+    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, settings: dict, out,
                  sync_batchnorm: bool = False):
-        self.recipe, self.seed, self.device, self.precision = recipe, seed, device, precision
+        self.recipe, self.seed, self.device, self.settings = recipe, seed, device, settings
         self.processes, self.sync_batchnorm = distributed.current(), sync_batchnorm
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
@@ -178,8 +179,7 @@ class _Trainer:
         self.train_batches, self.valid_batches, self.test_batches = data.train, data.valid, data.test
         self.has_validation = recipe.validation > 0
         self.model = model.to(device)
-        self.scaler = grad_scaler(device, precision)
-        self.precisions = precision  # every precision the run has trained in, in order
+        self.scaler = grad_scaler(device, settings["precision"])
 
     def identity(self) -> dict:
         """What makes this run this run, as its checkpoint records it."""
@@ -228,7 +228,7 @@ class _Trainer:
             "format": CHECKPOINT_FORMAT, **self.identity(), "pixel_mean": self.mean.cpu(),
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
             "run": dataclasses.asdict(run),
-            **process_state, "precision": self.precisions,
+            **process_state, **self.settings,
             "scaler_state": self.scaler.state_dict() if self.scaler else None,
             "processes": self.processes.count, "batch_norm": self.batch_norm(), "device": self.device.type,
         }
@@ -239,11 +239,21 @@ class _Trainer:
         self.saved_iteration = run.iteration
 
 
+def run_settings(checkpoint: dict | None, out, device: torch.device, precision: str = "auto",
+                 compile: bool | None = None, channels_last: bool | None = None) -> dict:
+    """How a run computes: the checkpoint's settings for a resumed run, else those asked for, with
+    the defaults filled in (precision by hardware, no compilation, channels_last on CUDA)."""
+    settings = settings_to_resume(checkpoint, out, precision=precision, compile=compile, channels_last=channels_last)
+    return {"precision": choose_precision(device, settings["precision"]), "compile": bool(settings["compile"]),
+            "channels_last": device.type == "cuda" if settings["channels_last"] is None else settings["channels_last"]}
+
+
 def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class: int | None = None,
           test_per_class: int | None = None, seed: int = 0, progress: bool = True,
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
-          compile: bool = False, cuda_graph: bool = True, precision: str = "auto",
-          stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False) -> TrainResult:
+          compile: bool | None = None, cuda_graph: bool = True, precision: str = "auto",
+          channels_last: bool | None = None, stop: StopRequest | None = None, cbs: list | None = None,
+          sync_batchnorm: bool = False) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
@@ -252,10 +262,14 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
     ``resume`` continues from that folder's checkpoint (which must exist, and be of the same
     model, recipe, seed and data) and reaches the same weights as an uninterrupted run. On a
-    CUDA device training uses channels_last and a CUDA-graphed step (``cuda_graph=False`` runs
-    it eagerly), and ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
+    CUDA device training uses a CUDA-graphed step (``cuda_graph=False`` runs it eagerly);
+    ``channels_last`` (default: on CUDA devices only) hands the convolutions their images and
+    weights in the layout fast kernels prefer (1.2-1.3x on an AVX2 CPU at batch 128), and
+    ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
     GPUs with bf16 tensor cores, fp16 with gradient scaling on other CUDA GPUs, fp32 on the CPU:
     :func:`~annotated_resnet.training.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
+    A resumed run takes precision, compilation and layout from its checkpoint, and refuses a
+    different one asked for (:func:`~annotated_resnet.training.checkpoints.settings_to_resume`).
     SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
     checkpoint at the current batch.
 
@@ -265,13 +279,13 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     (GPUs) normalises with the whole global batch's statistics instead of each slice's.
     """
     device = choose_device(device)
-    precision = choose_precision(device, precision)
+    checkpoint = checkpoint_to_resume(out, resume)
+    settings = run_settings(checkpoint, out, device, precision, compile, channels_last)
     processes = distributed.current()
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
-    checkpoint = checkpoint_to_resume(out, resume)
     data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device, processes.rank, processes.count)
-    trainer = _Trainer(model, data, recipe, seed, device, precision, out, sync_batchnorm and processes.parallel)
+    trainer = _Trainer(model, data, recipe, seed, device, settings, out, sync_batchnorm and processes.parallel)
     trainer.stop = stop or StopRequest()
     if checkpoint is not None:
         check_same_run(checkpoint, trainer.identity(), out)
@@ -285,22 +299,21 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         trainer.train_batches.load_state(mine["loader"])
         torch.set_rng_state(mine["torch_rng"])
         trainer.saved_iteration = run.iteration
-        trainer.precisions = precision_history(checkpoint.get("precision"), precision)
         if trainer.scaler and checkpoint.get("scaler_state"):
             trainer.scaler.load_state_dict(checkpoint["scaler_state"])
     trainer.train_batches.remaining = recipe.iterations - run.iteration
 
     recorder = RunRecorder(run, trainer)
     graph = cuda_graph and device.type == "cuda" and distributed.graph_allowed()
-    step = StepCallback(graph=graph, precision=precision, scaler=trainer.scaler,
+    step = StepCallback(graph=graph, precision=settings["precision"], scaler=trainer.scaler,
                         eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
     callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationDeviceWork()]
     if processes.parallel:
         callbacks.append(distributed.FirstProcessStatistics())
-    if device.type == "cuda":
+    if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
     net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
-    net = torch.compile(net) if compile else net
+    net = torch.compile(net) if settings["compile"] else net
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
     fused = device.type == "cuda" or trainer.scaler is not None  # fp16's scaler needs the fused update
     metric = ShardedErrorRate(device) if processes.parallel else error_rate
@@ -312,7 +325,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         learn.add_cb(LazyProgress())
     else:
         learn.logger = lambda *args: None
-    if device.type == "cuda":
+    if settings["channels_last"]:
         data.use_channels_last()
         learn.add_cb(ChannelsLast())
     trainer.learn = learn
