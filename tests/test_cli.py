@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -131,7 +132,31 @@ def test_sigterm_saves_and_exits_cleanly(image_tree, tmp_path):
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    assert "stopped by SIGTERM" in stdout and "--resume" in stdout and "Traceback" not in stderr
+    assert "stopped by SIGTERM" in stdout and "Traceback" not in stderr
+    # the command it prints continues the run as printed: the same options, and --resume
+    printed = stdout.split("Continue with: ", 1)[1].strip()
+    assert printed == shlex.join(["annotated-resnet", *tiny_run(image_tree, out, "--scale-to", "100000"), "--resume"])
     checkpoint = load_checkpoint(out)
     assert 10 <= checkpoint["run"]["iteration"] < 100_000
     assert not [p for p in os.listdir(out) if p.startswith(".")]  # no temporary file left behind
+
+
+def test_new_cli_runs_train_in_channels_last_and_the_fastest_cpu_precision(image_tree, tmp_path, capsys,
+                                                                            monkeypatch):
+    from annotated_resnet import cli
+    monkeypatch.setattr(cli, "fastest_cpu_precision", lambda: "bf16")  # as on a CPU with native bf16
+    assert main(tiny_run(image_tree, tmp_path / "run", "--iterations", "5")) == 0
+    assert "precision: bf16, channels_last layout" in capsys.readouterr().out
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert (checkpoint["precision"], checkpoint["channels_last"]) == ("bf16", True)
+
+
+def test_a_precision_this_cpu_runs_slowly_is_warned_of(monkeypatch):
+    from annotated_resnet.training import step
+    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: False)
+    cpu = torch.device("cpu")
+    assert "no native bf16" in step.slow_precision_warning(cpu, "bf16")
+    assert "fp16 autocast on a CPU is very slow" in step.slow_precision_warning(cpu, "fp16")
+    assert step.slow_precision_warning(cpu, "fp32") is None and step.fastest_cpu_precision() == "fp32"
+    monkeypatch.setattr(step, "cpu_has_native_bf16", lambda: True)
+    assert step.slow_precision_warning(cpu, "bf16") is None and step.fastest_cpu_precision() == "bf16"

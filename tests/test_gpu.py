@@ -1,9 +1,9 @@
 """The GPU paths, each at a tiny scale: the CUDA-graphed and the eager step in bf16 and in fp16
 with gradient scaling, ResNet-110's warm-up in a graphed run stopped by SIGTERM and resumed,
-and the engine's runs side by side on one GPU (Fig. 6's nine, and twenty at once).
+and the launcher's runs side by side on one GPU (Fig. 6's nine, three processes at a time).
 
 They need a CUDA GPU and are skipped without one. Their CPU counterparts, exact to the bit,
-are in test_train, test_engine and test_reproduce. On a GPU two runs of the same recipe and
+are in test_train and test_launcher. On a GPU two runs of the same recipe and
 seed are close rather than bit-identical (some kernels add in a varying order), and training
 magnifies the difference (on the CPU, a ResNet-110 on these images swung between losses of 2
 and 100 once its learning rate was 0.1), so these tests compare runs in three ways:
@@ -17,9 +17,6 @@ and 100 once its learning rate was 0.1), so these tests compare runs in three wa
   0.58 on the CPU).
 """
 
-import threading
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -30,7 +27,6 @@ from annotated_resnet.data import CIFAR10, CLASSES
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.reference_runs import load_reference_run
 from annotated_resnet.training.checkpoints import load_checkpoint
-from annotated_resnet.training.engine import Run, train_runs
 from annotated_resnet.training.recipe import paper_recipe
 from annotated_resnet.training.step import choose_precision
 from annotated_resnet.training.train import StepCallback, train
@@ -65,7 +61,8 @@ def resnet(depth, seed=0):
 
 
 def step_of(learn):
-    return next(cb for cb in learn.cbs if isinstance(cb, StepCallback)).training_step
+    """The run's CUDA-graphed step (``None`` on the eager path, where fastai runs the step)."""
+    return next((cb.training_step for cb in learn.cbs if isinstance(cb, StepCallback)), None)
 
 
 class RecordStep(Callback):
@@ -78,13 +75,14 @@ class RecordStep(Callback):
     def after_cancel_batch(self):
         """Called once our step has run (it ends fastai's batch), before the recorder counts the
         iteration (or stops the run there)."""
-        if self.training:
-            step = step_of(self.learn)
+        step = step_of(self.learn)
+        if self.training and step is not None:
             device_rate = step.rate.item() if step.rate is not None else None
             self.rates.append((self.learn.run_recorder.run.iteration + 1, self.opt.hypers[-1]["lr"], device_rate))
 
     def after_fit(self):
-        self.graphed = step_of(self.learn).captured is not None
+        step = step_of(self.learn)
+        self.graphed = step is not None and step.captured is not None
 
 
 def last_epochs(history, key, epochs=3):
@@ -188,10 +186,10 @@ def image_tree(make_image_tree):
 
 def reproduce(image_tree, out, *names):
     return main(["reproduce", *names, "--out", str(out), "--data", str(image_tree), "--iterations", "60",
-                 "--batch-size", "50", "--timing-seconds", "1", "--device", "cuda"])
+                 "--batch-size", "50", "--jobs", "3", "--device", "cuda"])
 
 
-def test_the_nine_runs_of_fig6_finish_side_by_side_and_resnet20_trains_there_as_alone(image_tree, tmp_path,
+def test_the_nine_runs_of_fig6_finish_three_at_a_time_and_resnet20_trains_there_as_alone(image_tree, tmp_path,
                                                                                       monkeypatch,
                                                                                       deterministic_cudnn):
     monkeypatch.chdir(tmp_path)  # the data cache goes to ./data
@@ -209,37 +207,3 @@ def test_the_nine_runs_of_fig6_finish_side_by_side_and_resnet20_trains_there_as_
     assert_same_first_epoch(alone, runs["resnet20"])
     assert_as_close_as_a_rerun(alone, runs["resnet20"], again)
     assert last_epochs(alone, "train_loss") < alone[0]["train_loss"] / 3
-
-
-class RunsAtOnce(Callback):
-    """Counts the runs inside a training batch at the same moment, and each run's streams."""
-
-    lock, inside, most = threading.Lock(), 0, 0
-
-    def __init__(self):
-        self.streams = set()
-
-    def before_batch(self):
-        if self.training:
-            self.streams.add(torch.cuda.current_stream().cuda_stream)
-            with RunsAtOnce.lock:
-                RunsAtOnce.inside += 1
-                RunsAtOnce.most = max(RunsAtOnce.most, RunsAtOnce.inside)
-            time.sleep(0.05)  # a batch long enough for the other runs' batches to overlap it
-
-    def after_batch(self):
-        if self.training:
-            with RunsAtOnce.lock:
-                RunsAtOnce.inside -= 1
-
-
-def test_twenty_runs_train_at_once_each_on_a_stream_of_its_own(cifar, tmp_path):
-    runs = [Run(f"resnet20-seed{seed}", recipe("resnet20", 30), seed=seed, base_width=4) for seed in range(20)]
-    counters = {run.name: RunsAtOnce() for run in runs}
-    statuses = train_runs(runs, cifar, tmp_path, device=GPU, cbs={name: [c] for name, c in counters.items()},
-                          report=lambda line: None)
-    assert statuses == {run.name: "finished" for run in runs}
-    assert RunsAtOnce.most > 16, RunsAtOnce.most
-    streams = [counter.streams for counter in counters.values()]
-    assert all(len(used) == 1 for used in streams)  # each run stays on its stream
-    assert len(set.union(*streams)) == 20  # and no two share one

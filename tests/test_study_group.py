@@ -130,3 +130,69 @@ def test_the_quoted_download_error_is_the_one_a_blocked_download_gives(monkeypat
 def test_the_readme_links_the_guide_on_its_first_screen():
     readme = (ROOT / "README.md").read_text()
     assert "(STUDY_GROUP.md)" in readme.split("\n## ", 1)[0]
+
+
+def colab_repository() -> str:
+    """owner/name of the repository that the notebooks' Colab badges open."""
+    spec = importlib.util.spec_from_file_location("colab", ROOT / "tools" / "colab.py")
+    colab = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(colab)
+    badge = colab.badge_source("01_abstract.ipynb")
+    return re.search(r"colab\.research\.google\.com/github/([^/]+/[^/]+)/blob/", badge).group(1)
+
+
+def test_the_participants_commands_are_the_projects():
+    """The clone and zip addresses are the badges' repository, the conda environment is
+    environment.yml's, the pip extra exists, and the fastai minimum is pyproject.toml's."""
+    repository = colab_repository()
+    assert f"git clone https://github.com/{repository}.git" in GUIDE
+    assert {f"https://github.com/{found}" for found in re.findall(r"https://github\.com/([\w.-]+/[\w.-]+?)(?:\.git|/archive/)",
+                                                                  GUIDE)} == {f"https://github.com/{repository}"}
+
+    environment = (ROOT / "environment.yml").read_text()
+    name = re.search(r"^name: (\S+)$", environment, re.M).group(1)
+    assert "conda env create -f environment.yml" in GUIDE
+    assert set(re.findall(r"conda (?:activate|env remove -n) ([\w-]+)", GUIDE)) == {name}
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = re.findall(r'pip install -e "\.\[([\w,]+)\]"', GUIDE)
+    assert extras and all(set(e.split(",")) <= set(project["optional-dependencies"]) for e in extras)
+    fastai_minimum = next(re.fullmatch(r"fastai>=([\d.]+)", d).group(1) for d in project["dependencies"]
+                          if d.startswith("fastai>="))
+    assert f"fastai {fastai_minimum} or newer" in GUIDE
+
+
+def test_the_drive_command_says_what_it_leaves_out():
+    """A `reproduce` command in the guide whose paper sets omit ResNet-1202 says so, and how to add it."""
+    from annotated_resnet.cli import PAPER_SETS
+
+    commands = re.findall(r"annotated-resnet reproduce ([\w ]+?) --out", GUIDE)
+    assert commands
+    for sets in commands:
+        runs = set().union(*(PAPER_SETS[name] for name in sets.split()))
+        if "resnet1202" not in runs:
+            words = GUIDE.replace("\n", " ")
+            assert "This command leaves out ResNet-1202" in words and "`--runs resnet1202`" in words
+
+
+def test_the_guide_says_how_each_notebook_hides_its_answers():
+    """Notebooks keep their questionnaire answers in a collapsed block or under an "Answers"
+    heading; the participants' section names which notebooks do which."""
+    collapsed, headed = set(), set()
+    for path in sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb")):
+        markdown = [cell.source for cell in nbformat.read(path, as_version=4).cells if cell.cell_type == "markdown"]
+        if any("<summary><b>Answers</b>" in source for source in markdown):
+            collapsed.add(int(path.name[:2]))
+        elif any(line.strip() == "## Answers" for source in markdown for line in source.splitlines()):
+            headed.add(int(path.name[:2]))
+    assert collapsed | headed == set(range(1, len(collapsed | headed) + 1)) and collapsed | headed
+
+    def span(numbers):
+        assert numbers == set(range(min(numbers), max(numbers) + 1)), f"not a run of notebooks: {sorted(numbers)}"
+        return f"notebooks {min(numbers)} to {max(numbers)}"
+
+    words = GUIDE.replace("\n", " ")
+    if collapsed:
+        assert f'in {span(collapsed)} inside a collapsed "Answers" block' in words
+    if headed:
+        assert f'in {span(headed)} under an "Answers" heading' in words

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.data.core import DataLoaders
 from fastai.learner import AvgSmoothLoss, Learner
 from fastai.optimizer import OptimWrapper
@@ -22,7 +24,9 @@ from annotated_resnet.training.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.training.recipe import Recipe, paper_recipe, sgd
 from annotated_resnet.training.progress import DeviceSmoothLoss
-from annotated_resnet.training.train import NonFiniteLossError, StepCallback, train
+from annotated_resnet.training.step import TrainingStep
+from annotated_resnet.training.train import (NonFiniteLossError, PaperSchedule, StepCallback, check_graph_callbacks,
+                                             train)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -203,12 +207,30 @@ def test_an_fp16_run_resumes_exactly_with_its_loss_scale(tiny_cifar, tmp_path):
     assert whole.history[-1]["train_loss"] < whole.history[0]["train_loss"]
 
 
-def test_a_run_resumed_in_another_precision_says_so(tiny_cifar, tmp_path):
-    recipe = tiny_recipe(iterations=10)
-    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, train_per_class=8, cbs=[StopAfterEpoch()])
-    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, train_per_class=8, precision="bf16",
-          resume=True)
-    assert load_checkpoint(tmp_path)["precision"] == "fp32, then bf16"
+def test_a_resumed_run_computes_as_it_started_and_refuses_another_way(tiny_cifar, tmp_path):
+    recipe = tiny_recipe(iterations=24)
+    bf16 = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "whole", precision="bf16",
+                 channels_last=True)
+    train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "run", precision="bf16", channels_last=True,
+          cbs=[StopAfterEpoch()])
+    checkpoint = load_checkpoint(tmp_path / "run")
+    assert (checkpoint["precision"], checkpoint["compile"], checkpoint["channels_last"]) == ("bf16", False, True)
+    for asked, message in (({"precision": "fp32"}, "trained with precision bf16, not fp32"),
+                           ({"channels_last": False}, "trained with channels_last True, not False")):
+        with pytest.raises(ValueError, match=f"{message}; resume it without the .* option"):
+            train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "run", resume=True, **asked)
+    # resumed with the defaults (precision auto, which would be fp32 on the CPU): bf16 and channels_last go on
+    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path / "run", resume=True)
+    assert resumed.history == [{**r, "seconds": resumed.history[i]["seconds"]} for i, r in enumerate(bf16.history)]
+
+
+def test_older_checkpoints_resume_in_their_last_precision(tiny_cifar, tmp_path):
+    from annotated_resnet.training.checkpoints import settings_to_resume
+    older = {"precision": "fp32, then bf16"}  # as checkpoints of runs that moved between GPUs recorded it
+    assert settings_to_resume(older, tmp_path, precision="auto", compile=None, channels_last=None) == \
+        {"precision": "bf16", "compile": None, "channels_last": None}
+    assert settings_to_resume(None, tmp_path, precision="fp16", compile=True, channels_last=None) == \
+        {"precision": "fp16", "compile": True, "channels_last": None}
 
 
 @pytest.mark.parametrize("change, named", [
@@ -341,14 +363,20 @@ def test_warm_up_runs_at_its_rate_until_the_training_error_is_low_enough(tiny_ci
     assert train(tiny_model(), tiny_cifar, at_once, progress=False).history[-1]["lr"] == at_once.lr
 
 
-def test_our_training_step_is_fastais_step(tiny_cifar):
-    """The step that train() gives fastai's Learner (StepCallback) changes the weights
-    exactly as fastai's own forward/backward/step would."""
+class EagerStepCallback(StepCallback):
+    """StepCallback with the TrainingStep's own eager code (the code of the steps before a CUDA
+    graph's capture, and what the graph captures), which the CPU can run."""
+
+    def before_fit(self):
+        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, torch.device("cpu"), graph=False)
+
+
+def test_the_graphed_steps_code_changes_the_weights_as_fastais_own_step(tiny_cifar):
     recipe = tiny_recipe(iterations=12)
     images, labels = tiny_cifar.train_images, tiny_cifar.train_labels
     mean = pixel_mean(images)
     weights = []
-    for cbs in ([], [StepCallback()]):
+    for cbs in ([], [EagerStepCallback()]):
         batches = DeviceBatches(images, labels, recipe.batch_size, mean, train=True)
         valid = DeviceBatches(images[:32], labels[:32], 32, mean, train=False)
         learn = Learner(DataLoaders(batches, valid), tiny_model(), loss_func=nn.CrossEntropyLoss(),
@@ -361,6 +389,70 @@ def test_our_training_step_is_fastais_step(tiny_cifar):
     assert len(weights[0]) == len(weights[1]) > 0
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
+
+
+class GradientNorms(Callback):
+    """Records the gradients' total norm just before every update, and counts the updates."""
+
+    order = GradientClip.order + 1
+
+    def before_fit(self):
+        self.norms, self.updates = [], 0
+
+    def before_step(self):
+        grads = [p.grad for p in self.learn.model.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+    def after_step(self):
+        self.updates += 1
+
+
+def test_fastais_callbacks_run_every_event_of_the_batch_on_the_eager_path(tiny_cifar):
+    """A fastai user's first reflexes work: GradientClip clips every update's gradient,
+    GradientAccumulation makes one update of several batches."""
+    recipe = tiny_recipe(iterations=12)
+    free, clipped = GradientNorms(), GradientNorms()
+    train(tiny_model(), tiny_cifar, recipe, progress=False, cbs=[free])
+    train(tiny_model(), tiny_cifar, recipe, progress=False, cbs=[GradientClip(max_norm=0.05), clipped])
+    assert max(free.norms) > 0.1 and len(free.norms) == 12
+    assert len(clipped.norms) == 12 and max(clipped.norms) <= 0.05 * 1.001
+    accumulated = GradientNorms()
+    train(tiny_model(), tiny_cifar, recipe, progress=False,
+          cbs=[GradientAccumulation(n_acc=3 * recipe.batch_size), accumulated])
+    assert accumulated.updates == 4  # 12 batches, one update every 3
+
+
+def test_the_graphed_step_refuses_callbacks_whose_events_it_would_skip():
+    class LateBatch(Callback):
+        order = 20
+
+        def before_batch(self):
+            pass
+
+    with pytest.raises(ValueError, match=r"GradientClip \(before_step\); MixedPrecision \(before_batch, after_pred, "
+                                         r"after_loss, before_backward, before_step, after_step\); LateBatch "
+                                         r"\(before_batch\)\. Train with cuda_graph=False"):
+        check_graph_callbacks([StepCallback(), GradientClip(), MixedPrecision(), LateBatch()], StepCallback.order)
+    early = PaperSchedule(tiny_recipe(), None)  # its before_batch sets the rate, before the step
+    check_graph_callbacks([early, StepCallback(), GradientNorms.__base__()], StepCallback.order)
+
+
+def test_bf16_trains_under_autocast_on_the_cpu_and_keeps_fp32_weights(tiny_cifar):
+    class Dtypes(Callback):
+        def before_fit(self):
+            self.seen = set()
+
+        def after_pred(self):
+            self.seen.add((self.training, self.learn.pred.dtype))
+
+    recipe = tiny_recipe(iterations=12)
+    dtypes = Dtypes()
+    result = train(tiny_model(), tiny_cifar, recipe, progress=False, precision="bf16", cbs=[dtypes])
+    fp32 = train(tiny_model(), tiny_cifar, recipe, progress=False)
+    assert (True, torch.bfloat16) in dtypes.seen and (False, torch.float32) in dtypes.seen  # validation in fp32
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert result.history[-1]["train_loss"] != fp32.history[-1]["train_loss"]
+    assert result.history[-1]["train_loss"] == pytest.approx(fp32.history[-1]["train_loss"], rel=0.1)
 
 
 def test_smoothed_loss_on_the_device_equals_fastais(tiny_cifar):

@@ -1,5 +1,5 @@
 """``annotated-resnet``: train a CIFAR-10 network of Sec. 4.2, evaluate checkpoints, and
-reproduce the paper's sets of runs (Fig. 6, Table 6) side by side on one GPU."""
+reproduce the paper's sets of runs (Fig. 1, Fig. 6, Table 6), one process per run."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from .model import create_model
 from .training import distributed
 from .training.batches import check_batch_size
 from .training.checkpoints import checkpoint_to_resume, load_checkpoint, model_from_checkpoint
-from .training.engine import Run
 from .training.evaluation import evaluate
 from .training.recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
-from .training.reproduce import run_job
-from .training.step import PRECISIONS, choose_device
+from .training.launcher import Run, default_jobs, launch
+from .training.results import write_results
+from .training.step import PRECISIONS, choose_device, fastest_cpu_precision, slow_precision_warning
 from .training.train import NonFiniteLossError, run_settings, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after .train, which quiets fastai's import
@@ -40,9 +40,12 @@ examples:
   torchrun --nproc-per-node 2 -m annotated_resnet.cli train resnet110
                                                         # the same through torchrun (any torchrun options)
   annotated-resnet evaluate runs/resnet56/checkpoint.pt # test error of a checkpoint
-  annotated-resnet reproduce fig6 table6 --out runs/paper --budget-minutes 9
-                                                        # Fig. 6 and Table 6's nine runs side by side on a GPU;
-                                                        # the same command resumes what the budget left
+  annotated-resnet reproduce fig1 --runs resnet20,resnet56 --device cpu --out runs/cpu
+                                                        # Fig. 1's plain-20/56 and two ResNets on a CPU, one
+                                                        # process per core; the same command resumes them
+  annotated-resnet reproduce fig6 --out runs/paper --budget-minutes 60
+                                                        # Fig. 6's nine runs on a GPU, one after another, within
+                                                        # an hour; the same command resumes what the budget left
   annotated-resnet reproduce --runs resnet110@1,resnet110@2 --out runs/paper
                                                         # more seeds of one net (folders resnet110-seed1, ...)
 
@@ -93,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch.compile the model (pays off on a GPU; default: no, or as the resumed run did)")
     train.add_argument("--precision", choices=PRECISIONS, default="auto",
                        help="auto (default): bf16 on GPUs with bf16 tensor cores (A100, L4, H100, RTX 30xx+), "
-                            "fp16 with gradient scaling on other CUDA GPUs (T4), fp32 on the CPU; a resumed run "
-                            "keeps its own")
+                            "fp16 with gradient scaling on other CUDA GPUs (T4); on a CPU bf16 where it has native "
+                            "bf16 (AVX512-BF16, AMX), else fp32; a resumed run keeps its own")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction,
                        help="the channels_last memory layout (default: yes, or as the resumed run did; 1.2-1.3x "
                             "faster on an AVX2 CPU at batch 128)")
@@ -103,19 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--base-width", type=positive_int, metavar="W", help="filters of the first stage (paper: 16)")
     train.add_argument("--train-per-class", type=positive_int, metavar="K", help="train on K images per class")
     train.add_argument("--test-per-class", type=positive_int, metavar="K", help="test on K images per class")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar, one line per epoch")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bar, one line per epoch (the default when the output is not a terminal)")
     parallel = train.add_argument_group("data-parallel training (under torchrun, or --gpus)")
     parallel.add_argument("--gpus", type=positive_int, metavar="N",
                           help="train on N GPUs of this machine, one process each, started through torchrun; the "
                                "global mini-batch stays --batch-size (paper: 128, 64 per GPU on two)")
     parallel.add_argument("--backend", choices=("nccl", "gloo"),
                           help="how the processes talk (default: nccl between GPUs, gloo between CPU processes)")
+    parallel.add_argument("--bn-groups", type=positive_int, default=1, metavar="G",
+                          help="in one process: normalise each training batch as G equal groups with their own "
+                               "statistics, as G GPUs do (the paper's setting without a second GPU: --bn-groups 2, two "
+                               "groups of 64); default 1")
     parallel.add_argument("--sync-batchnorm", action="store_true",
                           help="normalise with the whole global batch's statistics (GPUs only; default: each "
                                "process its own slice's, as two GPUs without synchronisation do)")
-    parallel.add_argument("--peer-timeout", type=positive_float, default=distributed.PEER_TIMEOUT, metavar="S",
-                          help="seconds a process waits for the others before it stops with an error "
-                               f"(default {distributed.PEER_TIMEOUT:g})")
 
     evaluate = commands.add_parser("evaluate", help="test error of a checkpoint", epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -126,42 +131,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The paper's sets of CIFAR-10 runs. Fig. 6 plots plain-20/32/44/56 (left), ResNet-20/32/44/56/110
-#: (middle) and ResNet-110/1202 (right); Table 6 lists ResNet-20 ... 110 and 1202. ResNet-1202
-#: alone costs about eleven ResNet-110s, so it runs only when named: --runs resnet1202.
+#: The paper's sets of CIFAR-10 runs. Fig. 1 plots plain-20 and plain-56; Fig. 6 plots
+#: plain-20/32/44/56 (left), ResNet-20/32/44/56/110 (middle) and ResNet-110/1202 (right); Table 6
+#: lists ResNet-20 ... 110 and 1202. ResNet-1202 alone costs about eleven ResNet-110s, so it runs
+#: only when named: --runs resnet1202.
 PAPER_SETS = {
+    "fig1": ["plain20", "plain56"],
     "fig6": ["plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"],
     "table6": ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110"],
 }
 
+#: The options of ``reproduce`` that it hands on to every run's ``annotated-resnet train``,
+#: under that command's name for them.
+PASSED_ON = {"data": "--data", "iterations": "--scale-to", "batch_size": "--batch-size", "split": "--split",
+             "device": "--device", "precision": "--precision", "compile": "--compile", "base_width": "--base-width",
+             "train_per_class": "--train-per-class", "test_per_class": "--test-per-class"}
+
 
 def add_reproduce_parser(commands) -> None:
     reproduce = commands.add_parser(
-        "reproduce", help="train the paper's sets of runs side by side on one GPU", epilog=EXAMPLES,
+        "reproduce", help="train the paper's sets of runs, one process per run", epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train several CIFAR-10 runs side by side in one process (one CUDA stream each) within a "
-                    "time budget; rerun the same command to resume the runs the budget stopped. Prints an "
-                    "estimate of the time the set needs after a short timing at the start.")
+        description="Train several CIFAR-10 runs, each its own `annotated-resnet train` process in a folder of its "
+                    "own, several at once on a CPU's cores; rerun the same command to resume what a budget, "
+                    "SIGTERM or Ctrl-C stopped. Prints how long the set still needs once every run has "
+                    "logged an epoch.")
     reproduce.add_argument("sets", nargs="*", type=paper_set, metavar="SET",
                            help=f"paper sets: {', '.join(f'{k} ({len(v)} runs)' for k, v in PAPER_SETS.items())}")
     reproduce.add_argument("--runs", type=run_names, default=[], metavar="NAMES",
                            help="more runs, comma-separated: a model name (resnet20) or name@seed (resnet110@1)")
     reproduce.add_argument("--out", default="runs/paper", metavar="DIR", help="one folder per run (default runs/paper)")
+    reproduce.add_argument("--jobs", type=positive_int, metavar="N",
+                           help="runs at once (default: on a CPU one per core, the cores shared out; on a GPU one)")
     reproduce.add_argument("--budget-minutes", type=positive_float, metavar="M",
                            help="wall-clock budget; runs still going then save a checkpoint (default: none)")
-    reproduce.add_argument("--timing-seconds", type=positive_float, default=20.0, metavar="S",
-                           help="how long to time the runs for the estimate (default 20)")
     reproduce.add_argument("--data", metavar="PATH", help="CIFAR-10 source (see below)")
     reproduce.add_argument("--iterations", type=positive_int, metavar="N",
                            help="shrink each schedule to N iterations (default: the paper's 64k)")
     reproduce.add_argument("--batch-size", type=positive_int, metavar="B", help="mini-batch size (paper: 128)")
     reproduce.add_argument("--split", action="store_true",
                            help="hold out 5k training images for validation (the paper's 45k/5k split); default: "
-                                "train on all 50k, as the paper's reported models were")
+                                "train on all 50k")
     reproduce.add_argument("--seed", type=int, default=0, help="seed of the runs named without @seed (default 0)")
     reproduce.add_argument("--device", help="cuda (default when there is one) or cpu")
-    reproduce.add_argument("--precision", choices=PRECISIONS, default="auto",
-                           help="auto (default): bf16 where the GPU has it, fp16 on other CUDA GPUs, fp32 on the CPU")
+    reproduce.add_argument("--precision", choices=PRECISIONS, help="as for train (default: auto)")
     reproduce.add_argument("--compile", action="store_true", help="torch.compile each model")
     reproduce.add_argument("--base-width", type=positive_int, metavar="W", help="filters of the first stage (paper: 16)")
     reproduce.add_argument("--train-per-class", type=positive_int, metavar="K", help="train on K images per class")
@@ -192,28 +205,44 @@ def run_names(text: str) -> list[tuple[str, int | None]]:
 
 
 def runs_from_args(args) -> list[Run]:
-    """The runs of ``annotated-resnet reproduce``: the sets' and ``--runs``', each once, each
-    with the paper's recipe changed only where a flag asks for it."""
+    """The runs of ``annotated-resnet reproduce``: the sets' and ``--runs``', each once, in the
+    order named (the launcher starts them in that order)."""
     named = [(name, None) for key in args.sets for name in PAPER_SETS[key]] + args.runs
     runs = {}
     for name, seed in named:
-        recipe = paper_recipe(name, split=args.split)
-        recipe = recipe.scaled(iterations=args.iterations, batch_size=args.batch_size)
         folder = name if seed is None else f"{name}-seed{seed}"
-        runs[folder] = Run(folder, recipe, args.seed if seed is None else seed, args.base_width)
+        runs[folder] = Run(folder, name, args.seed if seed is None else seed)
     if not runs:
-        raise ValueError("name the runs: one or more sets (fig6, table6) and/or --runs resnet20,...")
+        raise ValueError(f"name the runs: one or more sets ({', '.join(PAPER_SETS)}) and/or --runs resnet20,...")
     return list(runs.values())
 
 
-def run_reproduce(args, argv: list[str]) -> int:
-    """``annotated-resnet reproduce``: the runs side by side; 0 when all have finished, 3 when
-    some are left to resume, 1 when one failed."""
+def train_options(args) -> list[str]:
+    """The options of ``reproduce`` that every run's ``annotated-resnet train`` gets."""
+    options = []
+    for key, flag in PASSED_ON.items():
+        value = getattr(args, key)
+        if value is True:
+            options.append(flag)
+        elif value not in (None, False):
+            options += [flag, str(value)]
+    return options
+
+
+def run_reproduce(args) -> int:
+    """``annotated-resnet reproduce``: the runs, each its own process; 0 when all have finished,
+    3 when some are left to resume, 1 when one failed."""
     runs = runs_from_args(args)
-    options = {"device": args.device, "precision": args.precision, "compile": args.compile,
-               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class}
-    statuses = run_job(runs, Path(args.out), args.data, args.budget_minutes, shlex.join(["annotated-resnet", *argv]),
-                       args.timing_seconds, **options)
+    jobs, threads = default_jobs(len(runs), args.device)
+    jobs = args.jobs or jobs
+    if args.jobs and threads:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"{len(runs)} runs in {args.out}, {jobs} at a time{f', {threads} thread(s) each' if threads else ''}; "
+          f"budget: {f'{args.budget_minutes:g} minutes' if args.budget_minutes else 'none'}", flush=True)
+    statuses = launch(runs, args.out, train_options(args), jobs=jobs, threads=threads,
+                      iterations=args.iterations or 64_000,
+                      budget_seconds=60 * args.budget_minutes if args.budget_minutes else None,
+                      report=lambda line: print(line, flush=True))
     for name, status in statuses.items():
         print(f"{name}: {status}")
     if any(status.startswith("failed") for status in statuses.values()):
@@ -261,7 +290,7 @@ def start_processes(args, argv: list[str]) -> torch.device:
                              "torchrun --nproc-per-node N -m annotated_resnet.cli train ...")
         return choose_device(args.device)
     check_batch_size(recipe_from_args(args).batch_size, int(os.environ["WORLD_SIZE"]))
-    return distributed.start(args.device, args.backend, args.peer_timeout, cuda_graph=not args.no_cuda_graph)
+    return distributed.start(args.device, args.backend)
 
 
 def run_train(args, argv: list[str]) -> int:
@@ -277,7 +306,12 @@ def run_train(args, argv: list[str]) -> int:
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
     checkpoint = checkpoint_to_resume(out, args.resume)
     layout = args.channels_last if args.channels_last is not None or checkpoint else True  # new runs: channels_last
-    settings = run_settings(checkpoint, out, device, args.precision, args.compile, layout)
+    precision = fastest_cpu_precision() if device.type == "cpu" and args.precision == "auto" and not checkpoint \
+        else args.precision
+    settings = run_settings(checkpoint, out, device, precision, args.compile, layout)
+    warning = slow_precision_warning(device, settings["precision"])
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     say(f"recipe: {recipe.describe()}\ndata: {cifar.source}\nprecision: {settings['precision']}, "
         f"{'channels_last' if settings['channels_last'] else 'contiguous'} layout"
         f"{', torch.compile' if settings['compile'] else ''}\nrun folder: {out}", flush=True)
@@ -285,14 +319,15 @@ def run_train(args, argv: list[str]) -> int:
         say(f"processes: {processes.count} ({os.environ.get('LOCAL_WORLD_SIZE', processes.count)} on this machine), "
             f"{recipe.batch_size // processes.count} images each of every batch of {recipe.batch_size}; batch norm "
             f"{'synchronised' if args.sync_batchnorm else 'per process'}; training step "
-            f"{'CUDA-graphed' if device.type == 'cuda' and not args.no_cuda_graph and distributed.graph_allowed() else 'eager'}",
+            "eager",
             flush=True)
+    progress = not args.no_progress and sys.stdout.isatty()
     try:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
-                       test_per_class=args.test_per_class, seed=args.seed, progress=not args.no_progress,
+                       test_per_class=args.test_per_class, seed=args.seed, progress=progress,
                        out=out, resume=args.resume, device=device, cuda_graph=not args.no_cuda_graph,
-                       sync_batchnorm=args.sync_batchnorm, **settings,
-                       cbs=[EpochPrinter()] if args.no_progress and processes.first else None)
+                       sync_batchnorm=args.sync_batchnorm, batchnorm_groups=args.bn_groups, **settings,
+                       cbs=[EpochPrinter()] if not progress and processes.first else None)
     except (NonFiniteLossError, distributed.PeerLostError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
@@ -304,8 +339,13 @@ def run_train(args, argv: list[str]) -> int:
         say(f"stopped by {result.stopped}; checkpoint saved in {out}. Continue with: {again}", flush=True)
         return 128 + signal.Signals[result.stopped.split()[0]]
     last = result.history[-1] if result.history else None
+    if processes.first:
+        command = [word for word in argv if word != "--resume"]
+        write_results(Path(out), cifar.source, shlex.join(["annotated-resnet", *command]), str(device),
+                      cuda_graph=not args.no_cuda_graph)
     if last:
-        say(f"done: {last['iteration']:,} iterations, test error {last['test_error']:.2%}; log and checkpoint in {out}")
+        say(f"done: {last['iteration']:,} iterations, test error {last['test_error']:.2%}; log, checkpoint, weights "
+            f"and provenance in {out}")
     return 0
 
 
@@ -325,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "reproduce":
-            return run_reproduce(args, argv)
+            return run_reproduce(args)
         return run_train(args, argv) if args.command == "train" else run_evaluate(args)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

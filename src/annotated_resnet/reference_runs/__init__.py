@@ -1,8 +1,8 @@
 """The finished CIFAR-10 runs shipped with the package ("reference runs"), which the notebooks
 plot beside the paper's Fig. 1, Fig. 6, Fig. 7 and Table 6, and a reader for one's own runs.
 
-Each run is a folder in the format that ``annotated-resnet reproduce``
-(:mod:`annotated_resnet.training.reproduce`) writes: ``log.jsonl``, ``weights-fp16.pt`` and
+Each run is a folder in the format that ``annotated-resnet train`` and ``reproduce``
+(:mod:`annotated_resnet.training.results`) write: ``log.jsonl``, ``weights-fp16.pt`` and
 ``provenance.json``.
 """
 
@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpoints import LOG_NAME
-from ..training.reproduce import PROVENANCE_NAME, WEIGHTS_NAME
+from ..training.checkpoints import LOG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 REFERENCE_RUNS = Path(__file__).resolve().parent
 

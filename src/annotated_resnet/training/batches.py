@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..data import CIFAR10, augment, balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
-from .device_work import DEVICE_WORK
 
 #: The split and the data subsets are chosen with this seed whatever the run's seed, so that
 #: runs with different seeds see the same images and differ only in initialisation and order.
@@ -97,9 +96,7 @@ class DeviceBatches:
             order = torch.arange(len(self.labels), device=self.device)
         first, self.skip = (self.skip if self.train else 0), 0
         for b in range(first, first + count):
-            with DEVICE_WORK.shared():  # held between, not across, the yields
-                batch = self._batch(order[b * self.batch_size:(b + 1) * self.batch_size])
-            yield batch
+            yield self._batch(order[b * self.batch_size:(b + 1) * self.batch_size])
 
     def _batch(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images at ``index`` (this process's slice of them), augmented when training,

@@ -17,6 +17,9 @@ from ..model import ResNet, cifar_resnet
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1  # the layout of the dict that checkpoint.pt holds
 LOG_NAME = "log.jsonl"
+#: A finished run's files beside its log (the reference-run format, :mod:`annotated_resnet.training.results`).
+WEIGHTS_NAME = "weights-fp16.pt"
+PROVENANCE_NAME = "provenance.json"
 
 
 @dataclass
@@ -165,5 +168,5 @@ def check_same_processes(checkpoint: dict, processes: int, batch_norm: str, out)
     if then != (processes, batch_norm):
         raise ValueError(f"the checkpoint in {str(out)!r} was trained by {then[0]} process(es) with batch norm "
                          f"{then[1]}; it resumes exactly only as it ran: start {then[0]} process(es) "
-                         f"(torchrun --nproc-per-node {then[0]}) with the same batch norm (--sync-batchnorm or not), "
+                         f"(torchrun --nproc-per-node {then[0]}) with the same batch norm (--sync-batchnorm, --bn-groups G or neither), "
                          f"not {processes} with batch norm {batch_norm}")

@@ -22,12 +22,12 @@ run of the paper's recipe needs besides the gradients:
   at the same batch and the first process writes one checkpoint, with every process's
   generator states (:func:`gather`).
 * **Failures.** A collective operation fails when another process has died (gloo and NCCL see
-  the closed connection) or has not answered within the process group's timeout
-  (``--peer-timeout``); :func:`peer_lost` turns that failure into a message that says so.
-  Between GPUs the CUDA-graphed step needs NCCL's own timeouts off, so the agreement and the
-  checkpoint's gathering run in a second, gloo group on CPU tensors (:func:`control_group`),
-  where the timeout holds: a peer that died or stopped between two loss checks is noticed at
-  the next one.
+  the closed connection) or has not answered within the process group's timeout (torch's
+  default: 10 minutes for NCCL, 30 for gloo); :func:`peer_lost` turns that failure into a
+  message that says so, and ``torchrun`` stops the others when one process fails.
+* **Eager steps.** Each process runs fastai's own training step (no CUDA graph), as
+  torchvision's reference scripts do: DDP's gradient exchange then keeps NCCL's own error
+  handling and timeouts.
 
 fastai's own ``DistributedTrainer`` does not fit here: it feeds each process through a
 ``DistributedDL``, which indexes a data set on the host and pads the processes' shares with
@@ -37,13 +37,11 @@ here needs no padding. So the run keeps fastai's ``Learner`` and wraps its model
 
 from __future__ import annotations
 
-import contextlib
-import datetime
 import inspect
 import os
 import sys
-import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -52,11 +50,6 @@ from fastai.learner import Metric
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-#: Seconds a process waits in a collective operation for the others before it gives up
-#: (default of ``--peer-timeout``): long enough for the first process to write a checkpoint.
-PEER_TIMEOUT = 300.0
-#: PyTorch's rule for capturing DDP's backward in a CUDA graph: at least 11 eager steps first.
-DDP_EAGER_STEPS = 11
 #: The stop reasons :func:`agree` can share, by code (0: no stop).
 STOP_REASONS = ("SIGTERM", "SIGINT", "the time budget")
 
@@ -120,71 +113,25 @@ def choose_backend(device: torch.device, backend: str | None = None) -> str:
     return backend
 
 
-def start(device: str | None = None, backend: str | None = None, peer_timeout: float = PEER_TIMEOUT,
-          cuda_graph: bool = True) -> torch.device:
+def start(device: str | None = None, backend: str | None = None) -> torch.device:
     """Join the process group of a ``torchrun`` launch and return this process's device.
 
     ``torchrun`` sets each process's ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE`` and the address
-    of the rendezvous; collective operations give up after ``peer_timeout`` seconds. For
-    the CUDA-graphed step, NCCL's asynchronous error handling is turned off, as PyTorch's rules
-    for capturing DDP in a graph ask; a dead process then ends the run through ``torchrun``,
-    which stops the others when one fails."""
+    of the rendezvous."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
     device = process_device(device, local_rank, local_processes)
     backend = choose_backend(device, backend)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        if backend == "nccl" and cuda_graph:
-            os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "0"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=peer_timeout))
-    global _CONTROL_GROUP, _PEER_TIMEOUT
-    _PEER_TIMEOUT = peer_timeout
-    if backend != "gloo":
-        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=peer_timeout))
+    dist.init_process_group(backend)
     return device
-
-
-#: The gloo group of :func:`control_group` when the training's own group is NCCL.
-_CONTROL_GROUP = None
-_PEER_TIMEOUT = PEER_TIMEOUT
-
-
-def wait_for_device(device: torch.device) -> None:
-    """Wait until ``device`` has run the work queued so far, at most the peer timeout: with
-    NCCL's own timeouts off (the graphed step), a collective whose peer died or stopped never
-    ends, and a plain wait for the GPU would hang for ever; this one raises instead."""
-    if device.type != "cuda" or not current().parallel:
-        return
-    done = torch.cuda.Event()
-    done.record()
-    deadline = time.monotonic() + _PEER_TIMEOUT
-    while not done.query():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the GPU's NCCL collectives have not finished within the peer timeout "
-                               f"({_PEER_TIMEOUT:g} s, --peer-timeout)")
-        time.sleep(0.001)
-
-
-def control_group():
-    """The process group for the processes' agreement (:func:`agree`) and the checkpoint's
-    gathering (:func:`gather`): gloo on CPU tensors, whose timeout always holds. It is the
-    training's own group where that is gloo, a second one beside NCCL."""
-    return _CONTROL_GROUP
-
-
-def graph_allowed() -> bool:
-    """Whether the training step may run as a CUDA graph: in one process, or with NCCL, whose
-    collectives a graph can capture (gloo's run on the host and cannot be captured)."""
-    return not current().parallel or dist.get_backend() == "nccl"
 
 
 def finish() -> None:
     """Leave the process group, if this process is in one."""
-    global _CONTROL_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _CONTROL_GROUP = None
 
 
 def first_on_each_machine(load):
@@ -205,19 +152,14 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -
     """``model`` in DistributedDataParallel, which starts every process from the first's
     weights and averages the gradients of every backward pass; ``sync_batchnorm`` normalises
     with the statistics of the whole global batch (``nn.SyncBatchNorm``, GPUs only). DDP does
-    not copy buffers at every forward pass (:func:`sync_buffers` does before evaluations), and
-    is built on a side stream, as a CUDA-graph capture of its backward pass needs."""
+    not copy buffers at every forward pass (:func:`sync_buffers` does before evaluations)."""
     if sync_batchnorm:
         if device.type != "cuda":
             raise ValueError("SyncBatchNorm works on GPUs only; on the CPU each process keeps its own batch-norm "
                              "statistics (drop --sync-batchnorm)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-    with torch.cuda.stream(stream) if stream else contextlib.nullcontext():
-        wrapped = DistributedDataParallel(model, device_ids=[device] if stream else None, **NO_BUFFER_SYNC_IN_FORWARD)
-    if stream:
-        torch.cuda.current_stream(device).wait_stream(stream)
-    return wrapped
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                   **NO_BUFFER_SYNC_IN_FORWARD)
 
 
 #: DDP's keyword that keeps it from copying buffers at every forward pass: torch 2.13 added
@@ -225,6 +167,44 @@ def wrap(model: nn.Module, device: torch.device, sync_batchnorm: bool = False) -
 NO_BUFFER_SYNC_IN_FORWARD = ({"forward_sync_buffers": False}
                              if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
                              else {"broadcast_buffers": False})
+
+
+class GroupedBatchNorm2d(nn.BatchNorm2d):
+    """Batch norm that, in training, normalises each of ``groups`` equal parts of the batch with
+    that part's own statistics, as ``groups`` GPUs each normalise their share of a data-parallel
+    batch (the paper's two GPUs: two groups of 64 of each batch of 128, Sec. 4.2), on one device.
+    The running statistics follow the first group only, as a data-parallel run keeps the first
+    process's. Same parameters and buffers as ``nn.BatchNorm2d``, so weights load either way; in
+    eval mode it is ``nn.BatchNorm2d``."""
+
+    def __init__(self, num_features: int, groups: int = 2, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.groups == 1:
+            return super().forward(x)
+        if len(x) % self.groups:
+            raise ValueError(f"a batch of {len(x)} does not split into {self.groups} equal groups for batch norm; "
+                             f"use a batch size divisible by {self.groups}")
+        self.num_batches_tracked.add_(1)
+        first, *rest = x.chunk(self.groups)
+        normalise = partial(nn.functional.batch_norm, weight=self.weight, bias=self.bias, training=True, eps=self.eps)
+        return torch.cat([normalise(first, self.running_mean, self.running_var, momentum=self.momentum),
+                          *(normalise(part, None, None) for part in rest)])
+
+
+def group_batchnorm(model: nn.Module, groups: int) -> nn.Module:
+    """``model`` with every ``nn.BatchNorm2d`` replaced by a :class:`GroupedBatchNorm2d` of
+    ``groups`` groups holding the same parameters and buffers (in place; returns ``model``)."""
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            grouped = GroupedBatchNorm2d(child.num_features, groups, eps=child.eps, momentum=child.momentum)
+            grouped.load_state_dict(child.state_dict())
+            setattr(model, name, grouped.to(child.weight.device))
+        else:
+            group_batchnorm(child, groups)
+    return model
 
 
 def sync_buffers(model: nn.Module) -> None:
@@ -243,13 +223,13 @@ def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def agree(stop, finite: bool) -> bool:
+def agree(stop, finite: bool, device: torch.device) -> bool:
     """Share, in every process, whether any process was asked to stop (``stop``, a
     :class:`~annotated_resnet.training.stopping.StopRequest`, learns the reason) and whether the loss
     stayed finite in all; returns the latter."""
     code = STOP_REASONS.index(stop.reason) + 1 if stop.requested else 0
-    flags = torch.tensor([code, 0 if finite else 1])  # on the CPU, for the gloo group's timeout
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control_group())
+    flags = torch.tensor([code, 0 if finite else 1], device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     if flags[0] and not stop.requested:
         stop.request(STOP_REASONS[int(flags[0]) - 1])
     return not flags[1]
@@ -258,7 +238,7 @@ def agree(stop, finite: bool) -> bool:
 def gather(state: dict) -> list[dict]:
     """Every process's ``state`` (CPU tensors and numbers), in rank order."""
     states = [None] * current().count
-    dist.all_gather_object(states, state, group=control_group())
+    dist.all_gather_object(states, state)
     return states
 
 

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from .batches import DeviceBatches
-from .device_work import DEVICE_WORK
 from .step import autocast
 
 
@@ -40,8 +39,7 @@ def count_mistakes(model: nn.Module, batches: DeviceBatches, precision: str = "f
     wrong = torch.zeros((), device=device)
     with autocast(device, precision):
         for x, y in batches:
-            with DEVICE_WORK.shared():
-                wrong += (model(x).argmax(1) != y).sum()
+            wrong += (model(x).argmax(1) != y).sum()
     model.train(was_training)
     return wrong
 

@@ -81,10 +81,9 @@ class RunRecorder(Callback):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
         running sum of the epoch's losses is then no longer finite). Several processes check
         together, and share a stop request (:func:`~annotated_resnet.training.distributed.agree`)."""
-        distributed.wait_for_device(self.trainer.device)  # bounded, should a peer be gone
         finite = bool(torch.isfinite(self.loss_sum))
         if self.trainer.processes.parallel:
-            finite = distributed.agree(self.stop, finite)
+            finite = distributed.agree(self.stop, finite, self.trainer.device)
             self.agreed_stop = self.stop.requested
         if not finite:
             path = self.trainer.checkpoint_path

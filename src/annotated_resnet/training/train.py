@@ -5,17 +5,22 @@ The recipe's numbers are in :mod:`annotated_resnet.training.recipe`, the batches
 :mod:`annotated_resnet.training.step`, checkpoint and log files in :mod:`annotated_resnet.training.checkpoints`
 and the test error in :mod:`annotated_resnet.training.evaluation`. This module puts them together.
 
-What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, validation,
-metrics, the progress bar, callbacks); its ``ChannelsLast`` callback speeds up a GPU. The
-validation pass and the test error run in fp32, the precision the weights are kept in, whatever
-precision the training steps use (bf16 or fp16 only speed up training). Three callbacks
-add what the paper's recipe, a long run and a fast GPU need: :class:`PaperSchedule` (the
-iteration-based learning rate and the warm-up), :class:`StepCallback` (each training step as
-one :class:`~annotated_resnet.training.step.TrainingStep`, replayed as a CUDA graph on a GPU) and
+What is ours and what is fastai's: fastai's ``Learner`` runs the loop (epochs, the training
+step, validation, metrics, the progress bar, callbacks); its ``ChannelsLast`` callback sets the
+memory layout. The validation pass and the test error run in fp32, the precision the weights are
+kept in, whatever precision the training steps use (bf16 or fp16 only speed up training).
+Our callbacks add what the paper's recipe and a long run need: :class:`PaperSchedule` (the
+iteration-based learning rate and the warm-up), :class:`Autocast` (the training step in bf16 or
+fp16, on the CPU too, where fastai's ``MixedPrecision`` does not reach) and
 :class:`~annotated_resnet.training.recorder.RunRecorder` (per-epoch JSON-lines log, atomic checkpoints
 with every random state, exact resume, clean stop on SIGTERM/Ctrl-C or a budget
-(:mod:`annotated_resnet.training.stopping`), stop on a non-finite loss). Under ``torchrun`` the same
-run is data-parallel over several processes (:mod:`annotated_resnet.training.distributed`).
+(:mod:`annotated_resnet.training.stopping`), stop on a non-finite loss). So any fastai callback
+works as it does in fastai (``GradientClip``, ``GradientAccumulation``, ...). One exception: on a
+GPU a single run's step is captured once as a CUDA graph and replayed (:class:`StepCallback`,
+:class:`~annotated_resnet.training.step.TrainingStep`), which runs forward, loss, backward and update in one
+go; callbacks of those events are refused there with a message (``cuda_graph=False`` runs
+fastai's own step). Under ``torchrun`` the same run is data-parallel over several processes,
+eagerly (:mod:`annotated_resnet.training.distributed`).
 
 Nothing in a training step waits for the GPU: the loss statistics stay on the device and the
 host reads them only at an epoch's end, every
@@ -39,7 +44,7 @@ import torch
 # fastai's import scripts a function with torch.jit, which recent torch versions flag as deprecated
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback, CancelBatchException
+from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import error_rate
@@ -71,8 +76,7 @@ from .recorder import NonFiniteLossError, RunRecorder
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
-from .device_work import DEVICE_WORK
-from .step import TrainingStep, choose_device, choose_precision, grad_scaler
+from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, zero_momentum_buffers
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -83,20 +87,26 @@ def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
 # --- The callbacks ---
 
 
+#: The batch events the CUDA-graphed step runs inside its graph, where no callback can run.
+GRAPHED_EVENTS = ("after_pred", "after_loss", "before_backward", "after_backward", "before_step", "after_step")
+
+
 class StepCallback(Callback):
-    """Runs each training batch as one :class:`TrainingStep` in place of fastai's own
-    forward/backward/step, then lets fastai's loop go on (its ``after_batch`` callbacks,
-    validation, metrics) as if fastai had done the step: the standard way to give a fastai
-    ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``)."""
+    """On a GPU, runs each training batch as one CUDA-graphed :class:`TrainingStep` in place of
+    fastai's own forward/backward/step, then lets fastai's loop go on (its ``after_batch``
+    callbacks, validation, metrics) as if fastai had done the step: the standard way to give a
+    fastai ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``).
+    Callbacks of the events inside the graph would never run, so they are refused."""
 
     order = 8  # after PaperSchedule (5) has set the learning rate
 
-    def __init__(self, graph: bool | None = None, precision: str = "auto", scaler=None, eager_steps: int = 3):
-        self.graph, self.precision, self.scaler, self.eager_steps = graph, precision, scaler, eager_steps
+    def __init__(self, precision: str = "auto", scaler=None, eager_steps: int = 3):
+        self.precision, self.scaler, self.eager_steps = precision, scaler, eager_steps
 
     def before_fit(self):
+        check_graph_callbacks(self.learn.cbs, self.order)
         device = next(self.model.parameters()).device
-        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, self.graph,
+        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, graph=True,
                                           eager_steps=self.eager_steps, precision=self.precision, scaler=self.scaler)
 
     def before_batch(self):
@@ -106,22 +116,70 @@ class StepCallback(Callback):
         raise CancelBatchException()
 
 
-class ValidationDeviceWork(Callback):
-    """Each validation batch as one piece of device work
-    (:data:`~annotated_resnet.training.device_work.DEVICE_WORK`), which no other run's CUDA-graph
-    capture may overlap."""
+def check_graph_callbacks(callbacks, step_order: int) -> None:
+    """Refuse callbacks whose events the graphed step would skip: any of :data:`GRAPHED_EVENTS`,
+    or ``before_batch`` ordered after the step."""
+    skipped = []
+    for cb in callbacks:
+        if isinstance(cb, StepCallback):
+            continue
+        events = [e for e in GRAPHED_EVENTS if _defines(cb, e)]
+        if _defines(cb, "before_batch") and cb.order > step_order:
+            events.insert(0, "before_batch")
+        if events:
+            skipped.append(f"{type(cb).__name__} ({', '.join(events)})")
+    if skipped:
+        raise ValueError(
+            f"the CUDA-graphed training step runs forward, loss, backward and update in one graph, so these callbacks "
+            f"would never see these events: {'; '.join(skipped)}. Train with cuda_graph=False (--no-cuda-graph) to "
+            "let fastai run every event of the batch, or leave them out (for bf16 or fp16 use precision=..., "
+            "not learn.to_fp16()).")
 
-    order = 0
+
+def _defines(cb, event: str) -> bool:
+    """Whether ``cb``'s class (not fastai's ``Callback`` itself) defines the method ``event``."""
+    return any(event in vars(klass) for klass in type(cb).__mro__ if klass not in (Callback, object))
+
+
+class Autocast(Callback):
+    """The training batches' forward pass and loss in bf16 or fp16 autocast (on a CPU too), and
+    fp16's gradient scaling (the loss scaled before the backward pass, the update unscaled and
+    skipped where a gradient overflowed); validation stays in fp32. fastai's ``MixedPrecision``
+    does the same on CUDA devices only."""
+
+    order = 10  # as fastai's MixedPrecision: after PaperSchedule, before other callbacks' batch events
+
+    def __init__(self, device: torch.device, precision: str, scaler=None):
+        self.device, self.precision, self.scaler = device, precision, scaler
+        self.context = None
+
+    def before_fit(self):
+        if self.scaler is not None:
+            zero_momentum_buffers(self.opt.opt)
 
     def before_batch(self):
-        self.held = None if self.training else DEVICE_WORK.shared()
-        if self.held:
-            self.held.__enter__()
+        if self.training:
+            self.context = autocast(self.device, self.precision)
+            self.context.__enter__()
 
-    def after_batch(self):  # fastai calls it whatever happened in the batch
-        if getattr(self, "held", None):
-            self.held.__exit__(None, None, None)
-            self.held = None
+    def after_pred(self):
+        if self.context is not None:
+            self.learn.pred = self.pred.float()
+
+    def after_loss(self):
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+    def before_backward(self):
+        if self.scaler is not None:
+            self.learn.loss_grad = self.scaler.scale(self.loss_grad)
+
+    def before_step(self):
+        if self.scaler is not None:  # the scaler's step unscales (and skips an overflowed update) in place of fastai's
+            self.scaler.step(self.opt.opt)
+            self.scaler.update()
+            raise CancelStepException()
 
 
 class PaperSchedule(Callback):
@@ -169,9 +227,9 @@ class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
     def __init__(self, model, data: RunData, recipe: Recipe, seed, device, settings: dict, out,
-                 sync_batchnorm: bool = False):
+                 sync_batchnorm: bool = False, batchnorm_groups: int = 1):
         self.recipe, self.seed, self.device, self.settings = recipe, seed, device, settings
-        self.processes, self.sync_batchnorm = distributed.current(), sync_batchnorm
+        self.processes, self.sync_batchnorm, self.batchnorm_groups = distributed.current(), sync_batchnorm, batchnorm_groups
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
         self.saved_iteration = 0
@@ -205,7 +263,31 @@ class _Trainer:
 
     def batch_norm(self) -> str:
         """Whose statistics batch norm normalises with, for the checkpoint."""
-        return "synchronised over the processes" if self.sync_batchnorm else "per process"
+        if self.sync_batchnorm:
+            return "synchronised over the processes"
+        if self.batchnorm_groups > 1:
+            return f"per group of {self.recipe.batch_size // self.batchnorm_groups} images"
+        return "per process"
+
+    def resume_from(self, checkpoint: dict | None) -> RunState:
+        """The run's state: new, or the checkpoint's, whose model, loader, random and scaler
+        states it loads after checking that it is this run's."""
+        if checkpoint is None:
+            run = RunState(warmed_up=self.recipe.warmup_lr is None)
+        else:
+            check_same_run(checkpoint, self.identity(), self.out)
+            check_same_processes(checkpoint, self.processes.count, self.batch_norm(), self.out)
+            check_same_device_type(checkpoint, self.device, self.out)
+            run = RunState(**checkpoint["run"])
+            self.model.load_state_dict(checkpoint["model_state"])
+            mine = checkpoint["process_states"][self.processes.rank] if self.processes.parallel else checkpoint
+            self.train_batches.load_state(mine["loader"])
+            torch.set_rng_state(mine["torch_rng"])
+            self.saved_iteration = run.iteration
+            if self.scaler and checkpoint.get("scaler_state"):
+                self.scaler.load_state_dict(checkpoint["scaler_state"])
+        self.train_batches.remaining = self.recipe.iterations - run.iteration
+        return run
 
     def save(self, run: RunState) -> None:
         """Write the checkpoint atomically: a temporary file in the run folder, then
@@ -213,10 +295,6 @@ class _Trainer:
         the first writes it, with every process's loader and generator states."""
         if self.out is None:
             return
-        with DEVICE_WORK.shared():
-            self._write_checkpoint(run)
-
-    def _write_checkpoint(self, run: RunState) -> None:
         process_state = {"loader": self.train_batches.state(run.batches_in_epoch), "torch_rng": torch.get_rng_state()}
         if self.processes.parallel:
             distributed.sync_buffers(self.model)
@@ -253,8 +331,9 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
           out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
           compile: bool | None = None, cuda_graph: bool = True, precision: str = "auto",
           channels_last: bool | None = None, stop: StopRequest | None = None, cbs: list | None = None,
-          sync_batchnorm: bool = False) -> TrainResult:
-    """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``.
+          sync_batchnorm: bool = False, batchnorm_groups: int = 1) -> TrainResult:
+    """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``:
+    :func:`build_learner`, then :func:`fit`.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
     ``model`` is a name (a net built beforehand keeps its weights: seed before building it).
@@ -262,7 +341,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     ``out`` is the run folder for ``log.jsonl`` and ``checkpoint.pt`` (none if ``None``);
     ``resume`` continues from that folder's checkpoint (which must exist, and be of the same
     model, recipe, seed and data) and reaches the same weights as an uninterrupted run. On a
-    CUDA device training uses a CUDA-graphed step (``cuda_graph=False`` runs it eagerly);
+    CUDA device training uses a CUDA-graphed step (``cuda_graph=False`` runs fastai's own);
     ``channels_last`` (default: on CUDA devices only) hands the convolutions their images and
     weights in the layout fast kernels prefer (1.2-1.3x on an AVX2 CPU at batch 128), and
     ``compile=True`` adds ``torch.compile``. ``precision`` is ``auto`` (bf16 on
@@ -270,48 +349,63 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     :func:`~annotated_resnet.training.step.choose_precision`) or one of ``bf16``, ``fp16``, ``fp32``.
     A resumed run takes precision, compilation and layout from its checkpoint, and refuses a
     different one asked for (:func:`~annotated_resnet.training.checkpoints.settings_to_resume`).
-    SIGTERM and Ctrl-C, or ``stop`` (shared by runs trained side by side), end the run with a
-    checkpoint at the current batch.
+    SIGTERM and Ctrl-C, or ``stop``, end the run with a checkpoint at the current batch. ``cbs``
+    are more fastai callbacks.
 
-    In a process group (``torchrun``, :func:`annotated_resnet.training.distributed.start`) the run is
-    data-parallel: ``device`` is this process's, each process computes its slice of every
-    global batch of ``recipe.batch_size`` and DDP averages the gradients; ``sync_batchnorm``
-    (GPUs) normalises with the whole global batch's statistics instead of each slice's.
+    Batch norm: ``batchnorm_groups=2`` normalises each training batch as two halves with their
+    own statistics, as the paper's two GPUs did (Sec. 4.2), on one device
+    (:class:`~annotated_resnet.training.distributed.GroupedBatchNorm2d`). In a process group
+    (``torchrun``, :func:`annotated_resnet.training.distributed.start`) the run is data-parallel:
+    ``device`` is this process's, each process computes its slice of every global batch of
+    ``recipe.batch_size`` and normalises it with its slice's statistics, and DDP averages the
+    gradients; ``sync_batchnorm`` (GPUs) normalises with the whole global batch's statistics.
     """
+    learn = build_learner(model, cifar, recipe, train_per_class=train_per_class, test_per_class=test_per_class,
+                          seed=seed, progress=progress, out=out, resume=resume, device=device, compile=compile,
+                          cuda_graph=cuda_graph, precision=precision, channels_last=channels_last, stop=stop, cbs=cbs,
+                          sync_batchnorm=sync_batchnorm, batchnorm_groups=batchnorm_groups)
+    return fit(learn)
+
+
+def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class=None,
+                  test_per_class=None, seed: int = 0, progress: bool = True, out=None, resume: bool = False,
+                  device=None, compile=None, cuda_graph: bool = True, precision: str = "auto", channels_last=None,
+                  stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False,
+                  batchnorm_groups: int = 1) -> Learner:
+    """The fastai ``Learner`` of one run (the arguments are :func:`train`'s), with the run's
+    state (``learn.trainer``, ``learn.run_recorder``) loaded from its checkpoint when resuming."""
     device = choose_device(device)
     checkpoint = checkpoint_to_resume(out, resume)
     settings = run_settings(checkpoint, out, device, precision, compile, channels_last)
     processes = distributed.current()
+    if batchnorm_groups > 1 and processes.parallel:
+        raise ValueError("batch-norm groups are for one process; with several, each already normalises its own "
+                         "slice of the batch")
+    if recipe.batch_size % batchnorm_groups:
+        raise ValueError(f"a batch of {recipe.batch_size} does not split into {batchnorm_groups} equal batch-norm "
+                         f"groups; choose a batch size that is a multiple of {batchnorm_groups} (the paper: 128, "
+                         "two groups of 64)")
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
+    if batchnorm_groups > 1:
+        distributed.group_batchnorm(model, batchnorm_groups)
     data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device, processes.rank, processes.count)
-    trainer = _Trainer(model, data, recipe, seed, device, settings, out, sync_batchnorm and processes.parallel)
+    trainer = _Trainer(model, data, recipe, seed, device, settings, out, sync_batchnorm and processes.parallel,
+                       batchnorm_groups)
     trainer.stop = stop or StopRequest()
-    if checkpoint is not None:
-        check_same_run(checkpoint, trainer.identity(), out)
-        check_same_processes(checkpoint, processes.count, trainer.batch_norm(), out)
-        check_same_device_type(checkpoint, device, out)
-    run = RunState(warmed_up=recipe.warmup_lr is None)
-    if checkpoint is not None:
-        run = RunState(**checkpoint["run"])
-        model.load_state_dict(checkpoint["model_state"])
-        mine = checkpoint["process_states"][processes.rank] if processes.parallel else checkpoint
-        trainer.train_batches.load_state(mine["loader"])
-        torch.set_rng_state(mine["torch_rng"])
-        trainer.saved_iteration = run.iteration
-        if trainer.scaler and checkpoint.get("scaler_state"):
-            trainer.scaler.load_state_dict(checkpoint["scaler_state"])
-    trainer.train_batches.remaining = recipe.iterations - run.iteration
+    run = trainer.resume_from(checkpoint)
 
-    recorder = RunRecorder(run, trainer)
-    graph = cuda_graph and device.type == "cuda" and distributed.graph_allowed()
-    step = StepCallback(graph=graph, precision=settings["precision"], scaler=trainer.scaler,
-                        eager_steps=distributed.DDP_EAGER_STEPS if processes.parallel else 3)
-    callbacks = [PaperSchedule(recipe, run), step, recorder, ValidationDeviceWork()]
+    callbacks = [PaperSchedule(recipe, run), RunRecorder(run, trainer)]
+    if cuda_graph and device.type == "cuda" and not processes.parallel:
+        callbacks.append(StepCallback(settings["precision"], trainer.scaler))
+    elif settings["precision"] != "fp32":
+        callbacks.append(Autocast(device, settings["precision"], trainer.scaler))
     if processes.parallel:
         callbacks.append(distributed.FirstProcessStatistics())
     if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
+        data.use_channels_last()
+        callbacks.append(ChannelsLast())
     net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
     net = torch.compile(net) if settings["compile"] else net
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
@@ -325,16 +419,18 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
         learn.add_cb(LazyProgress())
     else:
         learn.logger = lambda *args: None
-    if settings["channels_last"]:
-        data.use_channels_last()
-        learn.add_cb(ChannelsLast())
-    trainer.learn = learn
+    learn.trainer, trainer.learn = trainer, learn
     learn.create_opt()
     if checkpoint is not None:
         learn.opt.load_state_dict(checkpoint["optimizer_state"])
+    return learn
 
-    batches_left = recipe.iterations - run.iteration + trainer.train_batches.skip
-    epochs = math.ceil(batches_left / trainer.train_batches.batches_per_epoch)
+
+def fit(learn: Learner) -> TrainResult:
+    """Train ``learn`` (from :func:`build_learner`) to the end of its recipe, or until a stop."""
+    trainer, recorder = learn.trainer, learn.run_recorder
+    run, batches = recorder.run, trainer.train_batches
+    epochs = math.ceil((trainer.recipe.iterations - run.iteration + batches.skip) / batches.batches_per_epoch)
     try:
         with stop_on_signals(trainer.stop):
             if epochs > 0:
@@ -342,9 +438,10 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     except NonFiniteLossError:
         raise NonFiniteLossError(recorder.failure) from None  # without fastai's wrapping of the message
     except RuntimeError as error:
-        lost = processes.parallel and distributed.peer_lost(error, processes, run.iteration, trainer.kept())
+        lost = trainer.processes.parallel and distributed.peer_lost(error, trainer.processes, run.iteration,
+                                                                    trainer.kept())
         if lost:
             raise lost from None
         raise
-    model.eval()
-    return TrainResult(model, run.history, recipe, trainer.mean, trainer.out, recorder.stopped)
+    trainer.model.eval()
+    return TrainResult(trainer.model, run.history, trainer.recipe, trainer.mean, trainer.out, recorder.stopped)
