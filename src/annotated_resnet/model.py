@@ -99,8 +99,9 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
     """The building block of Fig. 2: two 3x3 conv + BN layers form the residual path F(x);
-    the shortcut path carries x (or its projection, Eq. 2) to the addition; ReLU follows the
-    addition (Eq. 1). With ``shortcut="none"`` the same layers make a plain block.
+    the shortcut path carries x (or its projection, Eq. 2) to the addition, y = F(x) + x (Eq. 1);
+    a ReLU follows the addition (Sec. 3.2's text and Fig. 2; Eq. 1 itself stops at the sum).
+    With ``shortcut="none"`` the same layers make a plain block.
 
     The shortcut module is called ``downsample``, as in torchvision; it is ``None`` where
     the shortcut is the parameter-free identity or where there is no shortcut.
@@ -187,7 +188,8 @@ def normal_(weight: torch.Tensor, std: float) -> torch.Tensor:
 
 @torch.no_grad()
 def he_normal_(weight: torch.Tensor, fan: str = "out") -> torch.Tensor:
-    """Fill a conv weight from N(0, 2 / fan), He et al. [13] as cited in Sec. 3.4.
+    """Fill a conv weight from N(0, 2 / fan), He et al. 2015 as cited in Sec. 3.4 (reference [13]
+    in the paper's arXiv version, [12] in the CVPR version).
 
     ``fan="out"`` (the package's choice, and torchvision's for ResNets): the layer's filters
     times its kernel area; ``fan="in"``: its input channels times its kernel area. Drawn with
@@ -207,8 +209,9 @@ class ResNet(nn.Module):
     (Sec. 4.2). Each stage after the first halves the map with a stride-2 first block and
     uses the next width. Stages are ``layer1``, ``layer2``, ... as in torchvision.
 
-    Weights use He initialization (Sec. 3.4, [13]) for convolutions, BN starts at scale 1
-    and shift 0, and the classifier keeps PyTorch's default (fan-in) initialization.
+    Weights use He initialization (Sec. 3.4; reference [13] of the arXiv version) for
+    convolutions, BN starts at scale 1 and shift 0, and the classifier keeps PyTorch's default
+    (fan-in) initialization.
     ``zero_init_residual=True`` starts each block's last BN at scale 0, so every residual
     block begins as the identity (an option, not the paper's recipe).
     """
@@ -347,8 +350,10 @@ def cifar_resnet(depth: int, shortcut: str = "A", num_classes: int = 10, base_wi
 
 def imagenet_resnet(depth: int, shortcut: str = "B", num_classes: int = 1000,
                     stride_on_3x3: bool = False, **kwargs) -> ResNet:
-    """The ImageNet networks of Table 1 (18, 34, 50, 101, 152 layers). Option B by default
-    (the paper's choice from Table 3 on). ``stride_on_3x3=True`` is torchvision's "v1.5"."""
+    """The ImageNet networks of Table 1 (18, 34, 50, 101, 152 layers). Option B by default:
+    after Table 3 the paper builds its deeper nets with B and says it does not use option C in
+    the rest of the paper (its Table 4 still lists a ResNet-34 C). ``stride_on_3x3=True`` is
+    torchvision's "v1.5"."""
     if depth not in IMAGENET_LAYOUTS:
         raise ValueError(f"Table 1 has ImageNet ResNets of depth {sorted(IMAGENET_LAYOUTS)}; got depth={depth!r}")
     block, layout = IMAGENET_LAYOUTS[depth]

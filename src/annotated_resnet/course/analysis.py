@@ -3,16 +3,18 @@ runs that Fig. 6, Table 6 and Fig. 7 are read from.
 
 Sec. 4.2 ("Analysis of Layer Responses") measures, for each 3x3 convolutional layer, the
 standard deviation of its output after BN and before the nonlinearity (the ReLU, or the
-addition of the shortcut in a residual block). Small responses mean the residual functions
-are close to zero, which is the paper's argument that identity is a good preconditioning
-(Sec. 3.1). The responses are read by forward hooks on the BN layers that follow 3x3
-convolutions, on test images, in eval mode.
+addition of the shortcut in a residual block). The paper finds ResNets' responses generally
+smaller than plain nets', and reads that as support for residual functions that "might be
+generally closer to zero" and for identity mappings as a reasonable preconditioning
+(Sec. 3.1). Here the responses are read by forward hooks on the BN layers that follow 3x3
+convolutions, on test images (the paper does not say which images), in eval mode.
 
 The networks measured at full scale are the reference runs the package ships
 (:mod:`annotated_resnet.reference_runs`). :class:`ReferenceRun` says what each one was trained on —
 its schedule, its training set (the 45k/5k split that chose the paper's schedule, or all 50k
-images, as the paper's reported models) and its data — so that every number read from it
-can say where it came from; :func:`runs_at_one_schedule` picks runs that can be compared.
+images: the paper says its models are "trained on the training set", which we read as all 50k)
+and its data — so that every number read from it can say where it came from;
+:func:`runs_at_one_schedule` picks runs that can be compared.
 """
 
 from __future__ import annotations
