@@ -143,6 +143,11 @@ def test_the_package_ships_a_full_schedule_resnet20():
      "annotated-resnet reproduce fig6 table6 --split"),
     ("annotated-resnet reproduce --runs 'resnet110@1' --budget-minutes=30 --data /d/cifar10.tar.gz", 0,
      "annotated-resnet reproduce --runs resnet110@1 --data /d/cifar10.tar.gz"),
+    # one run of a launch, as the launcher starts it
+    ("annotated-resnet train plain56 --out /work/runs/cpu/plain56 --seed 0 --no-progress --device cpu", 0,
+     "annotated-resnet train plain56 --device cpu"),
+    ("annotated-resnet train resnet110 --out r --seed 2 --no-progress --scale-to 3000 --split", 5_000,
+     "annotated-resnet train resnet110 --seed 2 --scale-to 3000 --split"),
 ])
 def test_command_today_repeats_the_run_with_todays_defaults(tmp_path, recorded, held_out, today):
     make_run(tmp_path, "run", "resnet20", 3_000, held_out, command=recorded)

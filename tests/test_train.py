@@ -349,6 +349,36 @@ def test_sigterm_mid_epoch_saves_and_resume_is_exact(tiny_cifar, tmp_path):
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
 
 
+class PowerCut(Callback):
+    """Ends the process's training at an iteration without any chance to save (as a machine that
+    shuts down, or SIGKILL, would)."""
+
+    order = 60  # after the run's recorder
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_batch(self):
+        if self.training and self.learn.run_recorder.run.iteration == self.iteration:
+            raise SystemExit("power cut")
+
+
+def test_a_run_saves_within_an_epoch_every_few_minutes_and_resumes_exactly_from_there(tiny_cifar, tmp_path,
+                                                                                     monkeypatch):
+    from annotated_resnet.training import recorder
+    recipe = tiny_recipe(iterations=24)  # 12 iterations an epoch
+    whole = train(tiny_model(), tiny_cifar, recipe, progress=False)
+    monkeypatch.setattr(recorder, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every batch
+    with pytest.raises(SystemExit, match="power cut"):
+        train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[PowerCut(17)])
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["run"]["iteration"] == 17 and checkpoint["loader"]["skip"] == 5
+    resumed = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, resume=True)
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in whole.history]
+
+
 def test_sigterm_on_the_last_iteration_lets_the_run_finish(tiny_cifar, tmp_path):
     recipe = tiny_recipe(iterations=24)
     result = train(tiny_model(), tiny_cifar, recipe, progress=False, out=tmp_path, cbs=[SignalAtIteration(24)])

@@ -139,7 +139,7 @@ class ReferenceRun:
         train = self.provenance["data"]["train_images"]
         if self.held_out:
             return f"{train:,} training images ({self.held_out:,} held out: the 45k/5k split)"
-        return f"{train:,} training images (no split, as the paper's reported models)"
+        return f"{train:,} training images (no split: all 50k, as we read the paper's reported models)"
 
     def data(self) -> str:
         source = self.provenance["data"]["source"]
@@ -151,33 +151,36 @@ class ReferenceRun:
                 f"{self.provenance['device']}; seed {self.provenance['seed']}")
 
     def command_today(self) -> str:
-        """The command that repeats this run with today's package: ``annotated-resnet reproduce``
-        with the options its provenance records (older runs recorded the same job as
-        ``python -m annotated_resnet.gpu_job``), less the machine's output folder (``--out``; the
-        default is ``runs/paper``) and time budget (``--budget-minutes``, which suits one GPU and
-        not another; without it the job runs to the end), and with the training set said explicitly: ``--split`` where
-        the run held out 5,000 images, no ``--no-split`` (all 50k images is the default). A
-        ``--data`` option stays; a copy of CIFAR-10 the run found through
-        ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the command
-        uses torchvision's CIFAR-10)."""
+        """The command that repeats this run with today's package: the ``annotated-resnet
+        reproduce`` or ``annotated-resnet train`` it recorded (older runs recorded ``reproduce`` as
+        ``python -m annotated_resnet.gpu_job``), with its options, less what belongs to one machine
+        or one sitting: the output folder (``--out``), a time budget (``--budget-minutes``),
+        ``--resume``, ``--no-progress`` and the default ``--seed 0``; and with the training set
+        said explicitly: ``--split`` where the run held out 5,000 images, no ``--no-split`` (all
+        50k images is the default). A ``--data`` option stays; a copy of CIFAR-10 the run found
+        through ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the
+        command uses torchvision's CIFAR-10)."""
         words = shlex.split(self.provenance["command"])
         if "annotated_resnet.gpu_job" in words and words[words.index("annotated_resnet.gpu_job") - 1] == "-m":
-            start = words.index("annotated_resnet.gpu_job") + 1
-        elif "reproduce" in words and Path(words[0]).name == "annotated-resnet":
-            start = words.index("reproduce") + 1
+            command, start = "reproduce", words.index("annotated_resnet.gpu_job") + 1
+        elif Path(words[0]).name == "annotated-resnet" and len(words) > 1 and words[1] in ("reproduce", "train"):
+            command, start = words[1], 2
         else:
             raise ValueError(f"{self.name}: its provenance records a command this package did not write: "
                              f"{self.provenance['command']!r}")
-        program = ["annotated-resnet", "reproduce"]
         options, rest = [], iter(words[start:])
         for word in rest:
             if word in ("--out", "--budget-minutes"):
                 next(rest, None)
-            elif not word.startswith(("--out=", "--budget-minutes=")) and word not in ("--split", "--no-split"):
+            elif word == "--seed":
+                seed = next(rest, "0")
+                options += [] if seed == "0" else [word, seed]
+            elif not word.startswith(("--out=", "--budget-minutes=")) and word not in (
+                    "--split", "--no-split", "--resume", "--no-progress"):
                 options.append(word)
         if self.held_out:
             options.append("--split")
-        return shlex.join(program + options)
+        return shlex.join(["annotated-resnet", command, *options])
 
     def model(self, cifar=None, reestimate_images: int = 1000) -> ResNet:
         """The trained network (its stored weights loaded as float32), in eval mode.

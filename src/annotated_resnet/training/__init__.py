@@ -1,9 +1,9 @@
 """Training by the paper's CIFAR-10 recipe (Sec. 4.2): the recipe's numbers (:mod:`.recipe`),
 the data on the device (:mod:`.batches`), one SGD step (:mod:`.step`), checkpoints that resume
 exactly (:mod:`.checkpoints`), test error (:mod:`.evaluation`), the training loop
-(:mod:`.train`), several runs in one process (:mod:`.engine`), data-parallel training through
-torchrun (:mod:`.distributed`) and the job that reproduces Fig. 6 and Table 6
-(:mod:`.reproduce`)."""
+(:mod:`.train`), a finished run written as a reference run (:mod:`.results`), data-parallel
+training through torchrun (:mod:`.distributed`) and the launcher that trains the paper's sets
+of runs as processes side by side (:mod:`.launcher`)."""
 
 from .recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
 from .train import NonFiniteLossError, train

@@ -21,6 +21,11 @@ CHECK_EVERY = 100
 #: (:func:`~annotated_resnet.training.distributed.agree`): soon enough for torchrun, which waits 30 s
 #: after passing on a SIGTERM or Ctrl-C before it kills the processes.
 PARALLEL_CHECK_EVERY = 20
+#: A single-process run also saves a checkpoint within an epoch once this many seconds have
+#: passed since the last one: an epoch of a 56-layer net on one CPU core takes over 10 minutes,
+#: and an interruption that gives no chance to save (a machine that shuts down, SIGKILL)
+#: should cost minutes of training, not a whole epoch.
+CHECKPOINT_SECONDS = 300
 
 
 
@@ -36,7 +41,8 @@ class RunRecorder(Callback):
     non-finite loss, keeping the last good checkpoint: on the CPU it looks after every batch,
     on a GPU every :data:`CHECK_EVERY` batches and before every checkpoint. After every epoch
     it evaluates the test set (and takes the validation error from fastai's validation pass),
-    appends a record to ``log.jsonl`` and writes the checkpoint.
+    appends a record to ``log.jsonl`` and writes the checkpoint; a single-process run also
+    writes one every :data:`CHECKPOINT_SECONDS` within an epoch.
     """
 
     order = 55  # after fastai's Recorder (50), which has the validation error by then
@@ -52,6 +58,7 @@ class RunRecorder(Callback):
 
     def before_fit(self):
         self.started = time.perf_counter() - self.run.seconds
+        self.saved_at = time.monotonic()
 
     def before_epoch(self):
         # the sums of a resumed epoch (all processes' together) go on in the first process's sums
@@ -76,6 +83,11 @@ class RunRecorder(Callback):
             self.trainer.save(self.run_state_now())
             self.stopped = f"{self.stop.reason} at iteration {self.run.iteration}"
             raise CancelFitException()
+        if (not self.trainer.processes.parallel and time.monotonic() - self.saved_at > CHECKPOINT_SECONDS
+                and self.run.iteration < self.trainer.recipe.iterations):
+            self.check_finite()
+            self.trainer.save(self.run_state_now())
+            self.saved_at = time.monotonic()
 
     def check_finite(self):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
@@ -131,3 +143,4 @@ class RunRecorder(Callback):
         run.epoch += 1
         run.batches_in_epoch, run.loss_sum, run.error_sum = 0, 0.0, 0.0
         self.trainer.save(run)
+        self.saved_at = time.monotonic()

@@ -1,6 +1,6 @@
 """Clean stops: a request to stop at the end of the current batch, from SIGTERM, Ctrl-C or a
 time budget. The run that sees it saves a checkpoint at that very batch and returns; the same
-command then resumes it (:func:`annotated_resnet.training.train.train`, :mod:`annotated_resnet.training.engine`)."""
+command then resumes it (:func:`annotated_resnet.training.train.train`, :mod:`annotated_resnet.training.launcher`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import threading
 
 
 class StopRequest:
-    """Set once, read after every batch by every run that shares it."""
+    """Set once, read after every batch by the run (or by the launcher, between its checks)."""
 
     def __init__(self):
         self.reason: str | None = None  # "SIGTERM", "SIGINT" or "the time budget"
