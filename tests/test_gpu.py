@@ -28,8 +28,8 @@ from annotated_resnet.model import cifar_resnet
 from annotated_resnet.reference_runs import load_reference_run
 from annotated_resnet.training.checkpoints import load_checkpoint
 from annotated_resnet.training.recipe import paper_recipe
-from annotated_resnet.training.step import choose_precision
-from annotated_resnet.training.train import StepCallback, train
+from annotated_resnet.training.step import StepCallback, choose_precision
+from annotated_resnet.training.train import train
 from test_train import SignalAtIteration
 
 GPU = torch.device("cuda")

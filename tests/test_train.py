@@ -24,9 +24,8 @@ from annotated_resnet.training.evaluation import evaluate
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.training.recipe import Recipe, paper_recipe, sgd
 from annotated_resnet.training.progress import DeviceSmoothLoss
-from annotated_resnet.training.step import TrainingStep
-from annotated_resnet.training.train import (NonFiniteLossError, PaperSchedule, StepCallback, check_graph_callbacks,
-                                             train)
+from annotated_resnet.training.step import StepCallback, TrainingStep, check_graph_callbacks
+from annotated_resnet.training.train import NonFiniteLossError, PaperSchedule, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

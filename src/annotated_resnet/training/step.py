@@ -1,5 +1,7 @@
 """One training step (forward, loss, backward, SGD update), the device it runs on and the
-precision it runs in; on a GPU the step is captured once as a CUDA graph and replayed.
+precision it runs in; on a GPU the step is captured once as a CUDA graph and replayed
+(:class:`TrainingStep`, given to fastai's ``Learner`` by :class:`StepCallback`); elsewhere
+fastai runs the step, in bf16 or fp16 through :class:`Autocast`.
 
 Precision (``--precision``; ``auto`` chooses by hardware): bf16 autocast on GPUs with bf16
 tensor cores (compute capability 8.0 and up: A100, L4, H100, RTX 30xx ...); fp16 autocast with
@@ -19,6 +21,7 @@ import os
 from pathlib import Path
 
 import torch
+from fastai.callback.core import Callback, CancelBatchException, CancelStepException
 from torch import nn
 
 
@@ -99,7 +102,7 @@ def autocast(device: torch.device, precision: str = "auto"):
 def describe_precision(device: torch.device, settings: dict, cuda_graph: bool = True) -> str:
     """How a run computed, for its provenance, from its checkpoint's ``settings``: the precision
     (older checkpoints list several, joined by ", then "), the layout, ``torch.compile``, and on a
-    GPU whether the step was CUDA-graphed or eager."""
+    GPU whether the step was CUDA-graphed or eager, and that "fp32" convolutions ran in TF32."""
     words = {"fp32": "fp32", "bf16": "bf16 autocast", "fp16": "fp16 autocast with gradient scaling"}
     precisions = settings.get("precision") or "fp32"
     parts = [", then ".join(words[p] for p in precisions.split(", then "))]
@@ -108,6 +111,9 @@ def describe_precision(device: torch.device, settings: dict, cuda_graph: bool = 
     if settings.get("compile"):
         parts.append("torch.compile")
     if device.type == "cuda":
+        if precisions.endswith("fp32") and torch.backends.cudnn.allow_tf32 and \
+                torch.cuda.get_device_capability(device) >= (8, 0):  # cuDNN rounds the inputs to TF32's 10 bits
+            parts[0] += " (convolutions in TF32, PyTorch's default on GPUs since Ampere)"
         parts.append(f"{'CUDA-graphed' if cuda_graph else 'eager'} step")
     return "; ".join(parts)
 
@@ -239,3 +245,104 @@ def zero_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
         if group["momentum"]:
             for param in group["params"]:
                 optimizer.state[param].setdefault("momentum_buffer", torch.zeros_like(param))
+
+
+# --- The step inside fastai's Learner ---
+
+
+#: The batch events the CUDA-graphed step runs inside its graph, where no callback can run.
+GRAPHED_EVENTS = ("after_pred", "after_loss", "before_backward", "after_backward", "before_step", "after_step")
+
+
+class StepCallback(Callback):
+    """On a GPU, runs each training batch as one CUDA-graphed :class:`TrainingStep` in place of
+    fastai's own forward/backward/step, then lets fastai's loop go on (its ``after_batch``
+    callbacks, validation, metrics) as if fastai had done the step: the standard way to give a
+    fastai ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``).
+    Callbacks of the events inside the graph would never run, so they are refused."""
+
+    order = 8  # after PaperSchedule (5) has set the learning rate
+
+    def __init__(self, precision: str = "auto", scaler=None, eager_steps: int = 3):
+        self.precision, self.scaler, self.eager_steps = precision, scaler, eager_steps
+
+    def before_fit(self):
+        check_graph_callbacks(self.learn.cbs, self.order)
+        device = next(self.model.parameters()).device
+        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, graph=True,
+                                          eager_steps=self.eager_steps, precision=self.precision, scaler=self.scaler)
+
+    def before_batch(self):
+        if not self.training:
+            return
+        self.learn.pred, self.learn.loss = self.training_step(self.xb[0], self.yb[0], self.opt.hypers[-1]["lr"])
+        raise CancelBatchException()
+
+    def after_fit(self):
+        self.training_step = None  # the graph and its memory pool go with it
+
+
+def check_graph_callbacks(callbacks, step_order: int) -> None:
+    """Refuse callbacks whose events the graphed step would skip: any of :data:`GRAPHED_EVENTS`,
+    or ``before_batch`` ordered after the step."""
+    skipped = []
+    for cb in callbacks:
+        if isinstance(cb, StepCallback):
+            continue
+        events = [e for e in GRAPHED_EVENTS if _defines(cb, e)]
+        if _defines(cb, "before_batch") and cb.order > step_order:
+            events.insert(0, "before_batch")
+        if events:
+            skipped.append(f"{type(cb).__name__} ({', '.join(events)})")
+    if skipped:
+        raise ValueError(
+            f"the CUDA-graphed training step runs forward, loss, backward and update in one graph, so these callbacks "
+            f"would never see these events: {'; '.join(skipped)}. Train with cuda_graph=False (--no-cuda-graph) to "
+            "let fastai run every event of the batch, or leave them out (for bf16 or fp16 use precision=..., "
+            "not learn.to_fp16()).")
+
+
+def _defines(cb, event: str) -> bool:
+    """Whether ``cb``'s class (not fastai's ``Callback`` itself) defines the method ``event``."""
+    return any(event in vars(klass) for klass in type(cb).__mro__ if klass not in (Callback, object))
+
+
+class Autocast(Callback):
+    """The training batches' forward pass and loss in bf16 or fp16 autocast (on a CPU too), and
+    fp16's gradient scaling (the loss scaled before the backward pass, the update unscaled and
+    skipped where a gradient overflowed); validation stays in fp32. fastai's ``MixedPrecision``
+    does the same on CUDA devices only."""
+
+    order = 10  # as fastai's MixedPrecision: after PaperSchedule, before other callbacks' batch events
+
+    def __init__(self, device: torch.device, precision: str, scaler=None):
+        self.device, self.precision, self.scaler = device, precision, scaler
+        self.context = None
+
+    def before_fit(self):
+        if self.scaler is not None:
+            zero_momentum_buffers(self.opt.opt)
+
+    def before_batch(self):
+        if self.training:
+            self.context = autocast(self.device, self.precision)
+            self.context.__enter__()
+
+    def after_pred(self):
+        if self.context is not None:
+            self.learn.pred = self.pred.float()
+
+    def after_loss(self):
+        if self.context is not None:
+            self.context.__exit__(None, None, None)
+            self.context = None
+
+    def before_backward(self):
+        if self.scaler is not None:
+            self.learn.loss_grad = self.scaler.scale(self.loss_grad)
+
+    def before_step(self):
+        if self.scaler is not None:  # the scaler's step unscales (and skips an overflowed update) in place of fastai's
+            self.scaler.step(self.opt.opt)
+            self.scaler.update()
+            raise CancelStepException()

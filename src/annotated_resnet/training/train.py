@@ -44,7 +44,7 @@ import torch
 # fastai's import scripts a function with torch.jit, which recent torch versions flag as deprecated
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 from fastai.callback.channelslast import ChannelsLast
-from fastai.callback.core import Callback, CancelBatchException, CancelStepException
+from fastai.callback.core import Callback
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import error_rate
@@ -76,7 +76,7 @@ from .recorder import NonFiniteLossError, RunRecorder
 from .recipe import Recipe, sgd
 from .recipe import CIFAR_MODEL_NAMES, paper_recipe  # noqa: F401 - re-exported: the notebooks import them from here
 from .stopping import StopRequest, stop_on_signals
-from .step import TrainingStep, autocast, choose_device, choose_precision, grad_scaler, zero_momentum_buffers
+from .step import Autocast, StepCallback, choose_device, choose_precision, grad_scaler
 
 
 def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
@@ -85,101 +85,6 @@ def _fastai_sgd(params, lr, recipe: Recipe, fused: bool) -> OptimWrapper:
 
 
 # --- The callbacks ---
-
-
-#: The batch events the CUDA-graphed step runs inside its graph, where no callback can run.
-GRAPHED_EVENTS = ("after_pred", "after_loss", "before_backward", "after_backward", "before_step", "after_step")
-
-
-class StepCallback(Callback):
-    """On a GPU, runs each training batch as one CUDA-graphed :class:`TrainingStep` in place of
-    fastai's own forward/backward/step, then lets fastai's loop go on (its ``after_batch``
-    callbacks, validation, metrics) as if fastai had done the step: the standard way to give a
-    fastai ``Learner`` a custom training step (raise ``CancelBatchException`` from ``before_batch``).
-    Callbacks of the events inside the graph would never run, so they are refused."""
-
-    order = 8  # after PaperSchedule (5) has set the learning rate
-
-    def __init__(self, precision: str = "auto", scaler=None, eager_steps: int = 3):
-        self.precision, self.scaler, self.eager_steps = precision, scaler, eager_steps
-
-    def before_fit(self):
-        check_graph_callbacks(self.learn.cbs, self.order)
-        device = next(self.model.parameters()).device
-        self.training_step = TrainingStep(self.model, self.loss_func, self.opt.opt, device, graph=True,
-                                          eager_steps=self.eager_steps, precision=self.precision, scaler=self.scaler)
-
-    def before_batch(self):
-        if not self.training:
-            return
-        self.learn.pred, self.learn.loss = self.training_step(self.xb[0], self.yb[0], self.opt.hypers[-1]["lr"])
-        raise CancelBatchException()
-
-
-def check_graph_callbacks(callbacks, step_order: int) -> None:
-    """Refuse callbacks whose events the graphed step would skip: any of :data:`GRAPHED_EVENTS`,
-    or ``before_batch`` ordered after the step."""
-    skipped = []
-    for cb in callbacks:
-        if isinstance(cb, StepCallback):
-            continue
-        events = [e for e in GRAPHED_EVENTS if _defines(cb, e)]
-        if _defines(cb, "before_batch") and cb.order > step_order:
-            events.insert(0, "before_batch")
-        if events:
-            skipped.append(f"{type(cb).__name__} ({', '.join(events)})")
-    if skipped:
-        raise ValueError(
-            f"the CUDA-graphed training step runs forward, loss, backward and update in one graph, so these callbacks "
-            f"would never see these events: {'; '.join(skipped)}. Train with cuda_graph=False (--no-cuda-graph) to "
-            "let fastai run every event of the batch, or leave them out (for bf16 or fp16 use precision=..., "
-            "not learn.to_fp16()).")
-
-
-def _defines(cb, event: str) -> bool:
-    """Whether ``cb``'s class (not fastai's ``Callback`` itself) defines the method ``event``."""
-    return any(event in vars(klass) for klass in type(cb).__mro__ if klass not in (Callback, object))
-
-
-class Autocast(Callback):
-    """The training batches' forward pass and loss in bf16 or fp16 autocast (on a CPU too), and
-    fp16's gradient scaling (the loss scaled before the backward pass, the update unscaled and
-    skipped where a gradient overflowed); validation stays in fp32. fastai's ``MixedPrecision``
-    does the same on CUDA devices only."""
-
-    order = 10  # as fastai's MixedPrecision: after PaperSchedule, before other callbacks' batch events
-
-    def __init__(self, device: torch.device, precision: str, scaler=None):
-        self.device, self.precision, self.scaler = device, precision, scaler
-        self.context = None
-
-    def before_fit(self):
-        if self.scaler is not None:
-            zero_momentum_buffers(self.opt.opt)
-
-    def before_batch(self):
-        if self.training:
-            self.context = autocast(self.device, self.precision)
-            self.context.__enter__()
-
-    def after_pred(self):
-        if self.context is not None:
-            self.learn.pred = self.pred.float()
-
-    def after_loss(self):
-        if self.context is not None:
-            self.context.__exit__(None, None, None)
-            self.context = None
-
-    def before_backward(self):
-        if self.scaler is not None:
-            self.learn.loss_grad = self.scaler.scale(self.loss_grad)
-
-    def before_step(self):
-        if self.scaler is not None:  # the scaler's step unscales (and skips an overflowed update) in place of fastai's
-            self.scaler.step(self.opt.opt)
-            self.scaler.update()
-            raise CancelStepException()
 
 
 class PaperSchedule(Callback):
@@ -326,14 +231,20 @@ def run_settings(checkpoint: dict | None, out, device: torch.device, precision: 
             "channels_last": device.type == "cuda" if settings["channels_last"] is None else settings["channels_last"]}
 
 
-def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class: int | None = None,
-          test_per_class: int | None = None, seed: int = 0, progress: bool = True,
-          out: str | os.PathLike | None = None, resume: bool = False, device: str | None = None,
-          compile: bool | None = None, cuda_graph: bool = True, precision: str = "auto",
-          channels_last: bool | None = None, stop: StopRequest | None = None, cbs: list | None = None,
-          sync_batchnorm: bool = False, batchnorm_groups: int = 1) -> TrainResult:
+def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, **options) -> TrainResult:
     """Train ``model`` (a CIFAR-10 net or its name) on ``cifar`` with ``recipe``:
-    :func:`build_learner`, then :func:`fit`.
+    :func:`build_learner` (whose docstring explains every option), then :func:`fit`."""
+    return fit(build_learner(model, cifar, recipe, **options))
+
+
+def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class=None,
+                  test_per_class=None, seed: int = 0, progress: bool = True, out=None, resume: bool = False,
+                  device=None, compile=None, cuda_graph: bool = True, precision: str = "auto", channels_last=None,
+                  stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False,
+                  batchnorm_groups: int = 1) -> Learner:
+    """The fastai ``Learner`` that trains ``model`` (a CIFAR-10 net or its name) on ``cifar`` with
+    ``recipe``, with the run's state (``learn.trainer``, ``learn.run_recorder``) loaded from its
+    checkpoint when resuming; :func:`fit` trains it.
 
     ``seed`` seeds the order of the batches and the augmentation, and the initialisation when
     ``model`` is a name (a net built beforehand keeps its weights: seed before building it).
@@ -360,20 +271,6 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_c
     ``recipe.batch_size`` and normalises it with its slice's statistics, and DDP averages the
     gradients; ``sync_batchnorm`` (GPUs) normalises with the whole global batch's statistics.
     """
-    learn = build_learner(model, cifar, recipe, train_per_class=train_per_class, test_per_class=test_per_class,
-                          seed=seed, progress=progress, out=out, resume=resume, device=device, compile=compile,
-                          cuda_graph=cuda_graph, precision=precision, channels_last=channels_last, stop=stop, cbs=cbs,
-                          sync_batchnorm=sync_batchnorm, batchnorm_groups=batchnorm_groups)
-    return fit(learn)
-
-
-def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class=None,
-                  test_per_class=None, seed: int = 0, progress: bool = True, out=None, resume: bool = False,
-                  device=None, compile=None, cuda_graph: bool = True, precision: str = "auto", channels_last=None,
-                  stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False,
-                  batchnorm_groups: int = 1) -> Learner:
-    """The fastai ``Learner`` of one run (the arguments are :func:`train`'s), with the run's
-    state (``learn.trainer``, ``learn.run_recorder``) loaded from its checkpoint when resuming."""
     device = choose_device(device)
     checkpoint = checkpoint_to_resume(out, resume)
     settings = run_settings(checkpoint, out, device, precision, compile, channels_last)
