@@ -3,6 +3,7 @@ learning rate read from a device tensor, and no host-device sync inside a step. 
 runs on the CPU with the code a GPU captures into its CUDA graph (fused SGD included); the
 capture itself is tested on a GPU only."""
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -178,10 +179,10 @@ def test_cuda_graph_step_trains_like_the_eager_step(precision):
             step(x, y, 0.0)  # a zero learning rate must freeze the weights, graph or not
         assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
         params[graph] = torch.cat([p.detach().flatten() for p in model.parameters()])
-        assert losses[-1] < losses[0]
+        assert all(math.isfinite(loss) for loss in losses)  # random images: no loss to lower
     initial = torch.cat([p.flatten() for p in tiny_model().parameters()]).to(device)
     change = (params[False] - initial).norm()
-    assert (params[True] - params[False]).norm() < 0.05 * change
+    assert change > 0 and (params[True] - params[False]).norm() < 0.05 * change
 
 
 def test_the_device_variable_chooses_the_device_and_with_it_the_notebooks_scale(monkeypatch):
