@@ -145,6 +145,21 @@ def test_the_graphed_and_the_eager_step_train_alike_and_fp16_keeps_its_scale(cif
             assert checkpoint["scaler_state"] is None
 
 
+def test_the_fp16_loss_scale_halves_inside_the_graph_when_gradients_overflow(cifar, tmp_path, monkeypatch):
+    """A loss scale of 2^30 makes every scaled gradient overflow fp16's 65,504: the graphed
+    update must skip those steps and halve the scale on the device, step after step."""
+    from annotated_resnet.training import train as train_module
+    monkeypatch.setattr(train_module, "grad_scaler",
+                        lambda device, precision: torch.amp.GradScaler("cuda", init_scale=2.0**30))
+    recorder = RecordStep()
+    train(resnet(20), cifar, recipe("resnet20", 30), progress=False, out=tmp_path, device=GPU, precision="fp16",
+          cbs=[recorder])
+    assert recorder.graphed
+    scale = load_checkpoint(tmp_path)["scaler_state"]["scale"]
+    # the 3 eager steps before the capture can halve it 3 times (to 2^27); below 2^25, the graph did it too
+    assert scale <= 2.0**25, scale
+
+
 def check_schedule(rates, schedule):
     """The rates of every iteration: the warm-up's 0.01 until it ends, before the first
     milestone, then 0.1, 0.01 and 0.001 from the milestones on; on the device as set."""
