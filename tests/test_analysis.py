@@ -133,10 +133,10 @@ def test_the_package_ships_a_full_schedule_resnet20():
 
 @pytest.mark.parametrize("recorded, held_out, today", [
     # made while the 45k/5k split was the default: the command does not say so; today it must
-    ("/opt/venv/bin/python3 -m annotated_resnet.gpu_job --runs resnet20 --budget-minutes 3.7 --out /tmp/job",
+    ("/opt/venv/bin/annotated-resnet reproduce --runs resnet20 --budget-minutes 3.7 --out /tmp/job",
      5_000, "annotated-resnet reproduce --runs resnet20 --split"),
     # made on all 50k with the old flag, which today's default makes unnecessary
-    ("/usr/bin/python -m annotated_resnet.gpu_job --runs plain20 --no-split --out=/scratch/a --iterations 3000",
+    ("annotated-resnet reproduce --runs plain20 --no-split --out=/scratch/a --iterations 3000",
      0, "annotated-resnet reproduce --runs plain20 --iterations 3000"),
     # made today, both ways
     ("/home/u/.venv/bin/annotated-resnet reproduce fig6 table6 --out runs/paper --split", 5_000,
@@ -155,7 +155,7 @@ def test_command_today_repeats_the_run_with_todays_defaults(tmp_path, recorded, 
 
 
 def test_command_today_refuses_a_command_the_package_did_not_write(tmp_path):
-    make_run(tmp_path, "run", "resnet20", 3_000, 0, command="python train_my_way.py")
+    make_run(tmp_path, "run", "resnet20", 3_000, 0, command="python -m annotated_resnet.gpu_job --runs resnet20")
     with pytest.raises(ValueError, match="did not write"):
         shipped_runs(tmp_path)[0].command_today()
 

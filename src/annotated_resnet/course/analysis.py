@@ -152,8 +152,7 @@ class ReferenceRun:
 
     def command_today(self) -> str:
         """The command that repeats this run with today's package: the ``annotated-resnet
-        reproduce`` or ``annotated-resnet train`` it recorded (older runs recorded ``reproduce`` as
-        ``python -m annotated_resnet.gpu_job``), with its options, less what belongs to one machine
+        reproduce`` or ``annotated-resnet train`` it recorded, with its options, less what belongs to one machine
         or one sitting: the output folder (``--out``), a time budget (``--budget-minutes``),
         ``--resume``, ``--no-progress`` and the default ``--seed 0``; and with the training set
         said explicitly: ``--split`` where the run held out 5,000 images, no ``--no-split`` (all
@@ -161,9 +160,7 @@ class ReferenceRun:
         through ``$ANNOTATED_RESNET_CIFAR10`` is named only in :meth:`data` (without either, the
         command uses torchvision's CIFAR-10)."""
         words = shlex.split(self.provenance["command"])
-        if "annotated_resnet.gpu_job" in words and words[words.index("annotated_resnet.gpu_job") - 1] == "-m":
-            command, start = "reproduce", words.index("annotated_resnet.gpu_job") + 1
-        elif Path(words[0]).name == "annotated-resnet" and len(words) > 1 and words[1] in ("reproduce", "train"):
+        if Path(words[0]).name == "annotated-resnet" and len(words) > 1 and words[1] in ("reproduce", "train"):
             command, start = words[1], 2
         else:
             raise ValueError(f"{self.name}: its provenance records a command this package did not write: "
