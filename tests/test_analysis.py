@@ -52,7 +52,7 @@ def test_rejects_unnormalized_images_and_other_models():
 
 import json
 
-from annotated_resnet.course.analysis import longest_runs, runs_at_one_schedule, shipped_runs
+from annotated_resnet.reference_runs import longest_runs, runs_at_one_schedule, shipped_runs
 from annotated_resnet.data import pixel_mean, train_val_split
 
 
@@ -109,11 +109,15 @@ def test_a_run_rebuilds_its_network_and_its_training_mean(tmp_path):
         train_images = torch.randint(0, 256, (60, 32, 32, 3), dtype=torch.uint8).numpy()
         train_labels = torch.arange(60).remainder(10).numpy()
 
-    run.provenance["data"]["validation_images"] = 10
+    run.provenance["data"].update(validation_images=10, train_images=50)
     expected = pixel_mean(train_val_split(Data.train_images, Data.train_labels, 10, 0)[0])
     torch.testing.assert_close(run.training_mean(Data), expected)
-    run.provenance["data"]["validation_images"] = 0
+    run.provenance["data"].update(validation_images=0, train_images=60)
     torch.testing.assert_close(run.training_mean(Data), pixel_mean(Data.train_images))
+    run.provenance["data"]["train_images"] = 50_000
+    with pytest.raises(ValueError, match="trained on 50,000 images, but this copy of CIFAR-10 gives 60"):
+        run.training_mean(Data)
+    run.provenance["data"]["train_images"] = 60
 
     # an fp16 overflow: an infinite running variance would silence its channel in eval mode
     run.state_dict["layer1.0.bn1.running_var"][3] = float("inf")

@@ -219,12 +219,13 @@ def test_the_nine_runs_of_fig6_finish_three_at_a_time_and_resnet20_trains_there_
     runs = {}
     for name in ("plain20", "plain32", "plain44", "plain56", "resnet20", "resnet32", "resnet44", "resnet56",
                  "resnet110"):
-        history, provenance, _ = load_reference_run(tmp_path / "fig6" / name)
+        run = load_reference_run(tmp_path / "fig6" / name)
+        history, provenance = run.history, run.provenance
         assert provenance["status"] == "finished" and "CUDA-graphed step" in provenance["precision"], name
         runs[name] = history
     assert reproduce(image_tree, tmp_path / "alone", "--runs", "resnet20") == 0
     assert reproduce(image_tree, tmp_path / "again", "--runs", "resnet20") == 0
-    alone, again = (load_reference_run(tmp_path / folder / "resnet20")[0] for folder in ("alone", "again"))
+    alone, again = (load_reference_run(tmp_path / folder / "resnet20").history for folder in ("alone", "again"))
     assert [r["iteration"] for r in alone] == [r["iteration"] for r in runs["resnet20"]] == list(range(10, 61, 10))
     assert_same_first_epoch(alone, runs["resnet20"])
     assert_as_close_as_a_rerun(alone, runs["resnet20"], again)

@@ -12,9 +12,10 @@ from fastai.callback.core import Callback, CancelFitException
 from annotated_resnet import reference_runs
 from annotated_resnet.cli import build_parser, main, runs_from_args, train_options
 from annotated_resnet.data import load_cifar10
-from annotated_resnet.reference_runs import list_reference_runs, load_reference_run, longest_reference_run
+from annotated_resnet.reference_runs import load_reference_run, longest_reference_run, shipped_runs
 from annotated_resnet.model import cifar_resnet
 from annotated_resnet.training.launcher import Run, default_jobs, estimate_seconds
+from annotated_resnet.training.checkpoints import LOG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 from annotated_resnet.training.results import shipped_weights
 from annotated_resnet.training.step import describe_precision
 from annotated_resnet.training.train import paper_recipe, train
@@ -57,7 +58,8 @@ def test_the_launch_writes_reference_runs_resumes_and_skips_what_is_finished(ima
     assert "resnet20: resuming" in printed and "plain20: starting" in printed
     assert "plain20: epoch 2, iteration 10" in printed  # each run's epoch lines, relayed with its name
     for name in ("plain20", "resnet20"):
-        history, provenance, state_dict = load_reference_run(out / name)
+        run = load_reference_run(out / name)
+        history, provenance, state_dict = run.history, run.provenance, run.state_dict
         assert [r["iteration"] for r in history] == [5, 10]
         assert provenance["status"] == "finished" and provenance["torch"] == torch.__version__
         assert provenance["recipe"]["iterations"] == 10 and provenance["recipe"]["milestones"] == [5, 8]
@@ -65,7 +67,8 @@ def test_the_launch_writes_reference_runs_resumes_and_skips_what_is_finished(ima
         assert provenance["precision"] == "fp32; channels_last" and provenance["threads"] == 1
         assert provenance["processes"] == 1 and provenance["batch_norm"] == "per process"
         assert str(image_tree) in provenance["data"]["source"]
-        assert provenance["training_set"] == "50 training images, no validation split"
+        assert provenance["training_set"] == run.training_set() == \
+            "50 training images (no split: all 50k, as we read the paper's reported models)"
         assert provenance["command"].startswith(f"annotated-resnet train {name} --out {out / name} --seed 0 ")
         assert "--resume" not in provenance["command"] and "--scale-to 10" in provenance["command"]
         assert 0 < provenance["job_wall_seconds"] == pytest.approx(history[-1]["seconds"], abs=0.051)
@@ -74,7 +77,7 @@ def test_the_launch_writes_reference_runs_resumes_and_skips_what_is_finished(ima
         model = cifar_resnet(**provenance["model"])
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()})
     # resnet20 continued from its checkpoint: its first epoch is the one trained before the launch
-    history, _, _ = load_reference_run(out / "resnet20")
+    history = load_reference_run(out / "resnet20").history
     assert history[0] == partial.history[0]
     # a rerun finds both runs finished and trains nothing
     files = ("checkpoint.pt", "provenance.json", "weights-fp16.pt")
@@ -164,8 +167,8 @@ def test_the_estimate_is_the_work_left_over_the_work_done_per_second():
 
 def test_reference_run_loader_explains_missing_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(reference_runs, "REFERENCE_RUNS", tmp_path / "reference_runs")
-    assert list_reference_runs() == []
-    with pytest.raises(FileNotFoundError, match="ships no reference runs"):
+    assert shipped_runs() == []
+    with pytest.raises(FileNotFoundError, match="no run folder 'resnet56'.*none \\(this copy of the package ships none"):
         load_reference_run("resnet56")
     (tmp_path / "reference_runs" / "resnet56").mkdir(parents=True)
     (tmp_path / "reference_runs" / "resnet56" / "log.jsonl").write_text(json.dumps({"epoch": 1}) + "\n")
@@ -190,22 +193,22 @@ def test_provenance_names_how_a_run_computed(device, settings, cuda_graph, expec
 def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path):
     def ship(folder, run, iterations, status="finished"):
         folder.mkdir(parents=True)
-        for name in (reference_runs.LOG_NAME, reference_runs.WEIGHTS_NAME):
-            (folder / name).write_text("")
-        (folder / reference_runs.PROVENANCE_NAME).write_text(json.dumps(
+        (folder / LOG_NAME).write_text("")
+        torch.save({}, folder / WEIGHTS_NAME)
+        (folder / PROVENANCE_NAME).write_text(json.dumps(
             {"run": run, "status": status, "iterations_done": iterations}))
 
     ship(tmp_path / "resnet20", "resnet20", 3_000)
     ship(tmp_path / "full_schedule" / "resnet20", "resnet20", 64_000)
     ship(tmp_path / "longer" / "resnet20", "resnet20", 90_000, status="stopped")
     ship(tmp_path / "full_schedule" / "plain20", "plain20", 64_000)
-    assert longest_reference_run("resnet20", tmp_path) == tmp_path / "full_schedule" / "resnet20"
+    assert longest_reference_run("resnet20", tmp_path).folder == tmp_path / "full_schedule" / "resnet20"
     with pytest.raises(FileNotFoundError, match="resnet56"):
         longest_reference_run("resnet56", tmp_path)
 
 
 def test_the_package_ships_its_full_schedule_resnet20():
-    assert longest_reference_run("resnet20").parent.name == "full_schedule"
+    assert longest_reference_run("resnet20").folder.parent.name == "full_schedule"
 
 
 def test_shipped_weights_keep_batchnorm_statistics_that_pass_fp16s_largest_number():

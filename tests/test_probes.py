@@ -15,6 +15,7 @@ from torch import nn
 from annotated_resnet import count_parameters, create_model
 from annotated_resnet.data import normalize, pixel_mean, to_tensor, train_val_split
 from annotated_resnet.course.ilsvrc import ILSVRC_ENTRIES, ilsvrc_winners, plot_revolution_of_depth
+from annotated_resnet.reference_runs import reestimate_batchnorm_
 from annotated_resnet.course.probes import (
     NET_COLORS,
     deepen_with_identity_layers,
@@ -26,7 +27,6 @@ from annotated_resnet.course.probes import (
     plot_error_curves,
     plot_gradient_norms,
     probe_batch,
-    reestimate_batchnorm_,
     probe,
     signal_stds,
     spread,

@@ -15,15 +15,15 @@ import torch
 
 from .data import load_cifar10
 from .model import create_model
-from .training import distributed
 from .training.batches import check_batch_size
+from .training.distributed import ProcessGroup, launched_by_torchrun
 from .training.checkpoints import checkpoint_to_resume, load_checkpoint, model_from_checkpoint
 from .training.evaluation import evaluate
 from .training.recipe import CIFAR_MODEL_NAMES, Recipe, paper_recipe
 from .training.launcher import Run, default_jobs, launch
 from .training.results import write_results
 from .training.step import PRECISIONS, choose_device, fastest_cpu_precision, slow_precision_warning
-from .training.train import NonFiniteLossError, run_settings, train
+from .training.train import NonFiniteLossError, OneProcess, run_settings, train
 
 from fastai.callback.core import Callback  # noqa: E402 - after .train, which quiets fastai's import
 
@@ -36,9 +36,8 @@ examples:
   annotated-resnet train resnet20 --iterations 500      # the paper's schedule, stopped after 500
   annotated-resnet train resnet56 --out runs/resnet56 --resume
                                                         # continue a stopped run where it stopped
-  annotated-resnet train resnet110 --gpus 2             # as the paper: batch 128 on two GPUs (64 each)
   torchrun --nproc-per-node 2 -m annotated_resnet.cli train resnet110
-                                                        # the same through torchrun (any torchrun options)
+                                                        # as the paper: batch 128 on two GPUs (64 each)
   annotated-resnet evaluate runs/resnet56/checkpoint.pt # test error of a checkpoint
   annotated-resnet reproduce fig1 --runs resnet20,resnet56 --device cpu --out runs/cpu
                                                         # Fig. 1's plain-20/56 and two ResNets on a CPU, one
@@ -108,19 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-per-class", type=positive_int, metavar="K", help="test on K images per class")
     train.add_argument("--no-progress", action="store_true",
                        help="no progress bar, one line per epoch (the default when the output is not a terminal)")
-    parallel = train.add_argument_group("data-parallel training (under torchrun, or --gpus)")
-    parallel.add_argument("--gpus", type=positive_int, metavar="N",
-                          help="train on N GPUs of this machine, one process each, started through torchrun; the "
-                               "global mini-batch stays --batch-size (paper: 128, 64 per GPU on two)")
-    parallel.add_argument("--backend", choices=("nccl", "gloo"),
-                          help="how the processes talk (default: nccl between GPUs, gloo between CPU processes)")
+    parallel = train.add_argument_group("batch norm as on two GPUs; data-parallel training (under torchrun: "
+                                        "torchrun --nproc-per-node N -m annotated_resnet.cli train ..., the global "
+                                        "mini-batch stays --batch-size)")
     parallel.add_argument("--bn-groups", type=positive_int, default=1, metavar="G",
                           help="in one process: normalise each training batch as G equal groups with their own "
                                "statistics, as G GPUs do (the paper's setting without a second GPU: --bn-groups 2, two "
                                "groups of 64); default 1")
     parallel.add_argument("--sync-batchnorm", action="store_true",
-                          help="normalise with the whole global batch's statistics (GPUs only; default: each "
-                               "process its own slice's, as two GPUs without synchronisation do)")
+                          help="under torchrun, normalise with the whole global batch's statistics (GPUs only; "
+                               "default: each process its own slice's, as two GPUs without synchronisation do)")
 
     evaluate = commands.add_parser("evaluate", help="test error of a checkpoint", epilog=EXAMPLES,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,21 +272,17 @@ def recipe_from_args(args) -> Recipe:
     return recipe.scaled(batch_size=args.batch_size, lr=args.lr)
 
 
-def start_processes(args, argv: list[str]) -> torch.device:
-    """This process's device: under torchrun, after joining the other processes; ``--gpus N``
-    replaces this process with torchrun starting N of them."""
-    if args.gpus:
-        distributed.check_gpus(args.gpus)
-        command = distributed.torchrun_command(argv, args.gpus)
-        print(f"starting {args.gpus} processes: {shlex.join(command)}", flush=True)
-        os.execv(sys.executable, command)
-    if not distributed.launched_by_torchrun():
-        if args.sync_batchnorm or args.backend:
-            raise ValueError("--sync-batchnorm and --backend are for several processes: start them with --gpus N or "
+def start_processes(args):
+    """This process's place among the processes of a torchrun launch (after joining them), or a
+    run of one process."""
+    if not launched_by_torchrun():
+        if args.sync_batchnorm:
+            raise ValueError("--sync-batchnorm is for several processes: start them with "
                              "torchrun --nproc-per-node N -m annotated_resnet.cli train ...")
-        return choose_device(args.device)
+        return OneProcess(), choose_device(args.device)
     check_batch_size(recipe_from_args(args).batch_size, int(os.environ["WORLD_SIZE"]))
-    return distributed.start(args.device, args.backend)
+    processes = ProcessGroup.start(args.device, args.sync_batchnorm)
+    return processes, processes.device
 
 
 def run_train(args, argv: list[str]) -> int:
@@ -298,10 +290,10 @@ def run_train(args, argv: list[str]) -> int:
     Of several processes, the first prints the run's progress; each prints its own errors."""
     recipe = recipe_from_args(args)
     out = args.out or f"runs/{args.model}"
-    device = start_processes(args, argv)
-    processes = distributed.current()
+    processes, device = start_processes(args)
     say = print if processes.first else lambda *a, **k: None
-    cifar = distributed.first_on_each_machine(lambda: load_cifar10(args.data))
+    cifar = processes.first_on_each_machine(lambda: load_cifar10(args.data)) if processes.parallel \
+        else load_cifar10(args.data)
     torch.manual_seed(args.seed)  # the initialisation is part of the run's seed
     model = create_model(args.model, **({"base_width": args.base_width} if args.base_width else {}))
     checkpoint = checkpoint_to_resume(out, args.resume)
@@ -318,20 +310,19 @@ def run_train(args, argv: list[str]) -> int:
     if processes.parallel:
         say(f"processes: {processes.count} ({os.environ.get('LOCAL_WORLD_SIZE', processes.count)} on this machine), "
             f"{recipe.batch_size // processes.count} images each of every batch of {recipe.batch_size}; batch norm "
-            f"{'synchronised' if args.sync_batchnorm else 'per process'}; training step "
-            "eager",
-            flush=True)
+            f"{processes.batch_norm()}; training step eager", flush=True)
     progress = not args.no_progress and sys.stdout.isatty()
     try:
         result = train(model, cifar, recipe, train_per_class=args.train_per_class,
                        test_per_class=args.test_per_class, seed=args.seed, progress=progress,
                        out=out, resume=args.resume, device=device, cuda_graph=not args.no_cuda_graph,
-                       sync_batchnorm=args.sync_batchnorm, batchnorm_groups=args.bn_groups, **settings,
+                       processes=processes, batchnorm_groups=args.bn_groups, **settings,
                        cbs=[EpochPrinter()] if not progress and processes.first else None)
-    except (NonFiniteLossError, distributed.PeerLostError) as error:
+    except NonFiniteLossError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
-    distributed.finish()
+    if processes.parallel:
+        processes.finish()
     if result.stopped:
         again = shlex.join(["annotated-resnet", *argv, *([] if args.resume else ["--resume"])])
         if processes.parallel:

@@ -12,8 +12,6 @@ identity shortcut (Sec. 3.1, 3.2, Fig. 2).
 from __future__ import annotations
 
 import copy
-import json
-from pathlib import Path
 from typing import NamedTuple
 
 import matplotlib.pyplot as plt
@@ -22,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data import balanced_subset, normalize, pixel_mean, to_tensor, train_val_split
+from ..data import balanced_subset, normalize, pixel_mean, to_tensor
 from ..model import BasicBlock, ResNet, cifar_resnet, normal_
+from ..reference_runs import runs_at_one_schedule, shipped_runs
 
 # --- 1. Gradients and forward signals (Sec. 1, Sec. 4.1) ---
 
@@ -249,87 +248,34 @@ class TrainedNet(NamedTuple):
                 f"{self.provenance['device']}")
 
 
-@torch.no_grad()
-def reestimate_batchnorm_(model: nn.Module, images: np.ndarray, mean: torch.Tensor, batch_size: int = 500) -> nn.Module:
-    """Recompute every BN layer's running mean and variance, in place, as the plain average
-    over ``images`` (uint8, unaugmented) of the batch statistics. The learned weights are
-    untouched; the running statistics are estimates that eval mode uses, not learned."""
-    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in batchnorms]
-    for bn in batchnorms:
-        bn.reset_running_stats()
-        bn.momentum = None                  # None: a cumulative average instead of a moving one
-    model.train()
-    for start in range(0, len(images), batch_size):
-        model(normalize(to_tensor(images[start:start + batch_size]), mean))
-    for bn, momentum in zip(batchnorms, momenta):
-        bn.momentum = momentum
-    return model.eval()
-
-
-def reference_lengths(name: str, folder=None) -> dict[int, str]:
-    """The finished shipped runs of CIFAR-10 net ``name``, by length: {iterations: run folder}."""
-    from ..reference_runs import LOG_NAME, PROVENANCE_NAME, REFERENCE_RUNS, WEIGHTS_NAME
-    root = Path(folder) if folder is not None else REFERENCE_RUNS
-    runs = {}
-    for path in sorted(root.rglob(PROVENANCE_NAME)):
-        provenance = json.loads(path.read_text())
-        if (provenance.get("run") == name and provenance.get("status") == "finished"
-                and all((path.parent / n).is_file() for n in (LOG_NAME, WEIGHTS_NAME))):
-            runs.setdefault(provenance["iterations_done"], str(path.parent))
-    return runs
-
-
 def longest_common_length(names, folder=None) -> int:
     """The longest schedule (in iterations) for which every net in ``names`` has a shipped run,
     so that nets compared with one another were trained for equally long."""
-    lengths = [set(reference_lengths(name, folder)) for name in names]
-    common = set.intersection(*lengths) if lengths else set()
-    if not common:
+    runs = runs_at_one_schedule(shipped_runs(folder), names)
+    if not runs:
         raise FileNotFoundError(f"no run length is shipped for all of {', '.join(names)}; make the runs with "
                                 f"`annotated-resnet reproduce --runs {','.join(names)} --out DIR`")
-    return max(common)
+    return next(iter(runs.values())).iterations
 
 
 def load_trained(name: str, cifar, iterations: int | None = None, folder=None,
                  reestimate_images: int = 1000) -> TrainedNet:
     """The shipped run of CIFAR-10 net ``name`` (``"plain20"``, ``"resnet56"``, ...) trained for
-    ``iterations``, or for the most iterations if ``None``
-    (:func:`annotated_resnet.reference_runs.longest_reference_run`, so longer runs shipped later are
+    ``iterations``, or for the most iterations if ``None`` (so longer runs shipped later are
     picked up), rebuilt with its weights, and the training images it saw: the run's
-    train/validation split and subset, recomputed from its provenance.
-
-    The shipped weights are stored in 16-bit floats, whose largest value is 65,504; a BN
-    running variance above that is stored as infinity, which silences its channel in eval
-    mode. Where that happened, BN's running statistics are re-estimated from
-    ``reestimate_images`` of the run's training images (:func:`reestimate_batchnorm_`)."""
-    from ..reference_runs import load_reference_run, longest_reference_run
-    if iterations is None:
-        run = longest_reference_run(name, folder)
-    else:
-        runs = reference_lengths(name, folder)
-        if iterations not in runs:
-            raise FileNotFoundError(f"no shipped run of {name!r} with {iterations:,} iterations; shipped lengths: "
-                                    f"{', '.join(f'{n:,}' for n in sorted(runs)) or 'none'}")
-        run = runs[iterations]
-    history, provenance, state_dict = load_reference_run(run)
-    model = cifar_resnet(**provenance["model"])
-    model.load_state_dict(state_dict)
-    data = provenance["data"]
-    images, labels = cifar.train_images, cifar.train_labels
-    if data.get("validation_images"):
-        images, labels, _, _ = train_val_split(images, labels, data["validation_images"], data["data_seed"])
-    if data.get("train_per_class"):
-        images, labels = balanced_subset(images, labels, data["train_per_class"], data["data_seed"])
-    if len(labels) != data["train_images"]:
-        raise ValueError(f"{name}: the run trained on {data['train_images']:,} images, but this copy of "
-                         f"CIFAR-10 gives {len(labels):,} for its split; load the CIFAR-10 it was trained on")
-    mean, reestimated = pixel_mean(images), 0
-    if not all(torch.isfinite(b).all() for b in model.buffers()):
-        reestimated = reestimate_images
-        sample, _ = balanced_subset(images, labels, reestimate_images // 10, data["data_seed"])
-        reestimate_batchnorm_(model, sample, mean)
-    return TrainedNet(model.eval(), mean, images, labels, history, provenance, reestimated)
+    train/validation split and subset, recomputed from its provenance. Where the shipped file
+    holds infinite BN running statistics, they are re-estimated from ``reestimate_images`` of
+    those images (:meth:`annotated_resnet.reference_runs.ReferenceRun.model`)."""
+    runs = [run for run in shipped_runs(folder) if run.name == name]
+    chosen = [run for run in runs if iterations in (None, run.iterations)]
+    if not chosen:
+        raise FileNotFoundError(f"no shipped run of {name!r} with {iterations:,} iterations; shipped lengths: "
+                                f"{', '.join(f'{run.iterations:,}' for run in runs) or 'none'}")
+    run = chosen[-1]
+    model = run.model(cifar, reestimate_images)
+    images, labels = run.training_images(cifar)
+    return TrainedNet(model, pixel_mean(images), images, labels, run.history, run.provenance,
+                      run.batchnorm_reestimated)
 
 
 # --- 3. The constructed solution (Sec. 1) ---

@@ -131,9 +131,7 @@ class RunData:
     """The batches of one run: training (seeded order and augmentation), validation (the 5k
     held out by a split, else the test images) and test, with the training images' per-pixel
     mean; :attr:`description` is what a checkpoint records about them. In a data-parallel run,
-    process ``rank`` of ``processes`` takes its slice of every training batch and its own
-    contiguous share of the validation and test images (:func:`share`), which the processes'
-    error counts add up over: each evaluation image counted once, none added to even the shares."""
+    process ``rank`` of ``processes`` takes its slice of every training batch."""
 
     def __init__(self, cifar: CIFAR10, recipe, train_per_class: int | None, test_per_class: int | None,
                  seed: int, device: torch.device, rank: int = 0, processes: int = 1):
@@ -148,10 +146,9 @@ class RunData:
         self.mean = pixel_mean(images)
         self.train = DeviceBatches(images, labels, recipe.batch_size, self.mean, True, seed, device, rank, processes)
         eval_batch = max(recipe.batch_size, 5_000 if device.type == "cuda" else 1_000)
-        self.test = DeviceBatches(*share(test_images, test_labels, rank, processes), eval_batch, self.mean, False,
-                                  device=device)
-        self.valid = (DeviceBatches(*share(val_images, val_labels, rank, processes), eval_batch, self.mean, False,
-                                    device=device) if recipe.validation else self.test)
+        self.test = DeviceBatches(test_images, test_labels, eval_batch, self.mean, False, device=device)
+        self.valid = (DeviceBatches(val_images, val_labels, eval_batch, self.mean, False, device=device)
+                      if recipe.validation else self.test)
         self.description = {"source": cifar.source, "train_images": len(labels), "test_images": len(test_labels),
                             "validation_images": recipe.validation, "train_per_class": train_per_class,
                             "test_per_class": test_per_class, "data_seed": DATA_SEED}
@@ -161,9 +158,3 @@ class RunData:
         for batches in (self.train, self.valid, self.test):
             batches.channels_last = True
 
-
-def share(images: np.ndarray, labels: np.ndarray, rank: int, processes: int) -> tuple[np.ndarray, np.ndarray]:
-    """Process ``rank``'s contiguous share of evaluation images: the shares of all ``processes``
-    cover the images once, and differ in size by at most one image."""
-    begin, end = rank * len(labels) // processes, (rank + 1) * len(labels) // processes
-    return images[begin:end], labels[begin:end]

@@ -10,15 +10,13 @@ import time
 import torch
 from fastai.callback.core import Callback, CancelFitException
 
-from . import distributed
 from .checkpoints import RunState
-from .distributed import sum_over_processes
 
 #: On a GPU, the host checks the loss for NaN/inf every this many steps (and before every
 #: checkpoint); reading it every step would make the host wait for the GPU at every step.
 CHECK_EVERY = 100
 #: The same for data-parallel runs, where the check also shares stop requests
-#: (:func:`~annotated_resnet.training.distributed.agree`): soon enough for torchrun, which waits 30 s
+#: (:meth:`~annotated_resnet.training.distributed.ProcessGroup.agree`): soon enough for torchrun, which waits 30 s
 #: after passing on a SIGTERM or Ctrl-C before it kills the processes.
 PARALLEL_CHECK_EVERY = 20
 #: A single-process run also saves a checkpoint within an epoch once this many seconds have
@@ -92,11 +90,9 @@ class RunRecorder(Callback):
     def check_finite(self):
         """Stop the run if the loss of any step since the last check was NaN or infinite (the
         running sum of the epoch's losses is then no longer finite). Several processes check
-        together, and share a stop request (:func:`~annotated_resnet.training.distributed.agree`)."""
-        finite = bool(torch.isfinite(self.loss_sum))
-        if self.trainer.processes.parallel:
-            finite = distributed.agree(self.stop, finite, self.trainer.device)
-            self.agreed_stop = self.stop.requested
+        together, and share a stop request (:meth:`~annotated_resnet.training.distributed.ProcessGroup.agree`)."""
+        finite = self.trainer.processes.agree(self.stop, bool(torch.isfinite(self.loss_sum)))
+        self.agreed_stop = self.stop.requested
         if not finite:
             path = self.trainer.checkpoint_path
             where = ("nothing is saved" if path is None else
@@ -116,7 +112,7 @@ class RunRecorder(Callback):
 
     def run_state_now(self) -> RunState:
         self.run.seconds = time.perf_counter() - self.started
-        sums = sum_over_processes(torch.stack([self.loss_sum.float(), self.error_sum.float()]))
+        sums = self.trainer.processes.sum(torch.stack([self.loss_sum.float(), self.error_sum.float()]))
         self.run.loss_sum, self.run.error_sum = sums[0].item(), sums[1].item()
         return self.run
 

@@ -74,9 +74,10 @@ def shipped_weights(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 def training_set(data: dict) -> str:
     """Which images a run trained on, in words (the provenance's ``training_set``)."""
-    held_out = data["validation_images"]
-    split = f"{held_out:,} held out for validation" if held_out else "no validation split"
-    return f"{data['train_images']:,} training images, {split}"
+    train, held_out = data["train_images"], data["validation_images"]
+    if held_out:
+        return f"{train:,} training images ({held_out:,} held out: the 45k/5k split)"
+    return f"{train:,} training images (no split: all 50k, as we read the paper's reported models)"
 
 
 def device_name(device: str | None) -> str:

@@ -66,9 +66,8 @@ from .checkpoints import (
     describe_model,
     write_log,
 )
-from . import distributed
+from .batchnorm_groups import group_batchnorm
 from ..data import CIFAR10
-from .distributed import ShardedErrorRate, sum_over_processes
 from .evaluation import count_mistakes, evaluate  # noqa: F401 - evaluate re-exported: the notebooks import it from here
 from ..model import create_model
 from .progress import DeviceSmoothLoss, LazyProgress
@@ -105,13 +104,37 @@ class PaperSchedule(Callback):
         if not self.training or self.run.warmed_up:
             return
         batch_error = (self.pred.argmax(1) != self.yb[0]).float().mean()
-        batch_error = sum_over_processes(batch_error).item() / distributed.current().count  # the global batch's
+        processes = self.learn.trainer.processes
+        batch_error = processes.sum(batch_error).item() / processes.count  # the global batch's
         self.run.smoothed_error = 0.9 * self.run.smoothed_error + 0.1 * batch_error
         if self.run.smoothed_error < self.recipe.warmup_until_error:
             self.run.warmed_up = True
 
 
 # --- Training ---
+
+
+class OneProcess:
+    """A run in one process. A data-parallel run has a
+    :class:`~annotated_resnet.training.distributed.ProcessGroup` in its place, which does the
+    same across its processes: sums over them, shares stop requests and gathers their states."""
+
+    rank, count, first, parallel = 0, 1, True, False
+
+    def batch_norm(self) -> str:
+        return "per process"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def agree(self, stop, finite: bool) -> bool:
+        return finite
+
+    def gather(self, state: dict) -> list[dict]:
+        return [state]
 
 
 @dataclass
@@ -131,10 +154,10 @@ class TrainResult:
 class _Trainer:
     """Holds one run's data, model, precision, learner and run folder for the callbacks."""
 
-    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, settings: dict, out,
-                 sync_batchnorm: bool = False, batchnorm_groups: int = 1):
+    def __init__(self, model, data: RunData, recipe: Recipe, seed, device, settings: dict, out, processes,
+                 batchnorm_groups: int = 1):
         self.recipe, self.seed, self.device, self.settings = recipe, seed, device, settings
-        self.processes, self.sync_batchnorm, self.batchnorm_groups = distributed.current(), sync_batchnorm, batchnorm_groups
+        self.processes, self.batchnorm_groups = processes, batchnorm_groups
         self.out = Path(out) if out is not None else None
         self.checkpoint_path = self.out / CHECKPOINT_NAME if self.out else None
         self.saved_iteration = 0
@@ -150,29 +173,14 @@ class _Trainer:
                 "seed": self.seed, "data": self.data}
 
     def test_error(self) -> float:
-        """Error on the test images (the full test set, or its class-balanced subset); several
-        processes each count the mistakes on their share of the images, with the first's
-        batch-norm statistics, and add up their counts."""
-        distributed.sync_buffers(self.model)
-        counts = torch.stack([count_mistakes(self.model, self.test_batches),
-                              torch.tensor(float(len(self.test_batches.labels)), device=self.device)])
-        wrong, images = sum_over_processes(counts).tolist()
-        return wrong / images
-
-    def kept(self) -> str:
-        """Which checkpoint a run that fails now leaves, and how to go on from it."""
-        if self.checkpoint_path is None or not self.checkpoint_path.exists():
-            return "no checkpoint was written (the first is written after the first epoch)"
-        return (f"the last checkpoint, {self.checkpoint_path} (iteration {self.saved_iteration}), is kept: "
-                "continue with the same command and --resume")
+        """Error on the test images (the full test set, or its class-balanced subset)."""
+        return count_mistakes(self.model, self.test_batches).item() / len(self.test_batches.labels)
 
     def batch_norm(self) -> str:
         """Whose statistics batch norm normalises with, for the checkpoint."""
-        if self.sync_batchnorm:
-            return "synchronised over the processes"
         if self.batchnorm_groups > 1:
             return f"per group of {self.recipe.batch_size // self.batchnorm_groups} images"
-        return "per process"
+        return self.processes.batch_norm()
 
     def resume_from(self, checkpoint: dict | None) -> RunState:
         """The run's state: new, or the checkpoint's, whose model, loader, random and scaler
@@ -201,12 +209,10 @@ class _Trainer:
         if self.out is None:
             return
         process_state = {"loader": self.train_batches.state(run.batches_in_epoch), "torch_rng": torch.get_rng_state()}
-        if self.processes.parallel:
-            distributed.sync_buffers(self.model)
-            states = distributed.gather(process_state)
-            if not self.processes.first:
-                self.saved_iteration = run.iteration
-                return
+        states = self.processes.gather(process_state)
+        if not self.processes.first:
+            self.saved_iteration = run.iteration
+            return
         checkpoint = {
             "format": CHECKPOINT_FORMAT, **self.identity(), "pixel_mean": self.mean.cpu(),
             "model_state": self.model.state_dict(), "optimizer_state": self.learn.opt.state_dict(),
@@ -240,7 +246,7 @@ def train(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, **options) -> 
 def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, train_per_class=None,
                   test_per_class=None, seed: int = 0, progress: bool = True, out=None, resume: bool = False,
                   device=None, compile=None, cuda_graph: bool = True, precision: str = "auto", channels_last=None,
-                  stop: StopRequest | None = None, cbs: list | None = None, sync_batchnorm: bool = False,
+                  stop: StopRequest | None = None, cbs: list | None = None, processes=None,
                   batchnorm_groups: int = 1) -> Learner:
     """The fastai ``Learner`` that trains ``model`` (a CIFAR-10 net or its name) on ``cifar`` with
     ``recipe``, with the run's state (``learn.trainer``, ``learn.run_recorder``) loaded from its
@@ -265,16 +271,15 @@ def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, tra
 
     Batch norm: ``batchnorm_groups=2`` normalises each training batch as two halves with their
     own statistics, as the paper's two GPUs did (Sec. 4.2), on one device
-    (:class:`~annotated_resnet.training.distributed.GroupedBatchNorm2d`). In a process group
-    (``torchrun``, :func:`annotated_resnet.training.distributed.start`) the run is data-parallel:
-    ``device`` is this process's, each process computes its slice of every global batch of
-    ``recipe.batch_size`` and normalises it with its slice's statistics, and DDP averages the
-    gradients; ``sync_batchnorm`` (GPUs) normalises with the whole global batch's statistics.
+    (:class:`~annotated_resnet.training.batchnorm_groups.GroupedBatchNorm2d`). Given ``processes``,
+    a :class:`~annotated_resnet.training.distributed.ProcessGroup` of a ``torchrun`` launch, the run
+    is data-parallel: ``device`` is this process's, each process computes its slice of every
+    global batch of ``recipe.batch_size`` and DDP averages the gradients.
     """
     device = choose_device(device)
     checkpoint = checkpoint_to_resume(out, resume)
     settings = run_settings(checkpoint, out, device, precision, compile, channels_last)
-    processes = distributed.current()
+    processes = processes or OneProcess()
     if batchnorm_groups > 1 and processes.parallel:
         raise ValueError("batch-norm groups are for one process; with several, each already normalises its own "
                          "slice of the batch")
@@ -285,10 +290,9 @@ def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, tra
     torch.manual_seed(seed)
     model = create_model(model) if isinstance(model, str) else model
     if batchnorm_groups > 1:
-        distributed.group_batchnorm(model, batchnorm_groups)
+        group_batchnorm(model, batchnorm_groups)
     data = RunData(cifar, recipe, train_per_class, test_per_class, seed, device, processes.rank, processes.count)
-    trainer = _Trainer(model, data, recipe, seed, device, settings, out, sync_batchnorm and processes.parallel,
-                       batchnorm_groups)
+    trainer = _Trainer(model, data, recipe, seed, device, settings, out, processes, batchnorm_groups)
     trainer.stop = stop or StopRequest()
     run = trainer.resume_from(checkpoint)
 
@@ -297,19 +301,16 @@ def build_learner(model: str | nn.Module, cifar: CIFAR10, recipe: Recipe, *, tra
         callbacks.append(StepCallback(settings["precision"], trainer.scaler))
     elif settings["precision"] != "fp32":
         callbacks.append(Autocast(device, settings["precision"], trainer.scaler))
-    if processes.parallel:
-        callbacks.append(distributed.FirstProcessStatistics())
     if settings["channels_last"]:
         model.to(memory_format=torch.channels_last)  # before DDP, which keeps the parameters it is given
         data.use_channels_last()
         callbacks.append(ChannelsLast())
-    net = distributed.wrap(model, device, sync_batchnorm) if processes.parallel else model
+    net = processes.wrap(model)
     net = torch.compile(net) if settings["compile"] else net
     dls = DataLoaders(trainer.train_batches, trainer.valid_batches, device=device)
     fused = device.type == "cuda" or trainer.scaler is not None  # fp16's scaler needs the fused update
-    metric = ShardedErrorRate(device) if processes.parallel else error_rate
     learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial(_fastai_sgd, recipe=recipe, fused=fused),
-                    lr=recipe.lr, metrics=metric, cbs=callbacks + list(cbs or []))
+                    lr=recipe.lr, metrics=error_rate, cbs=callbacks + list(cbs or []))
     learn.recorder.smooth_loss = DeviceSmoothLoss()
     learn.remove_cb(learn.progress)
     if progress and processes.first:
@@ -334,11 +335,5 @@ def fit(learn: Learner) -> TrainResult:
                 learn.fit(epochs)
     except NonFiniteLossError:
         raise NonFiniteLossError(recorder.failure) from None  # without fastai's wrapping of the message
-    except RuntimeError as error:
-        lost = trainer.processes.parallel and distributed.peer_lost(error, trainer.processes, run.iteration,
-                                                                    trainer.kept())
-        if lost:
-            raise lost from None
-        raise
     trainer.model.eval()
     return TrainResult(trainer.model, run.history, trainer.recipe, trainer.mean, trainer.out, recorder.stopped)
