@@ -258,6 +258,19 @@ def test_a_checkpoint_of_another_kind_of_device_is_refused_with_what_to_do(tiny_
         train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True)
 
 
+@pytest.mark.parametrize("state", ["order_state", "augment_state"])
+def test_a_checkpoint_whose_generators_were_of_another_kind_is_refused_with_what_to_do(tiny_cifar, tmp_path, state):
+    """As GPU checkpoints of earlier versions, which kept a generator on the GPU (its state: 16
+    bytes, where the CPU generator that draws today's batch order keeps 5,056)."""
+    train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, cbs=[StopAfterEpoch()])
+    checkpoint = load_checkpoint(tmp_path)
+    checkpoint["loader"][state] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="random state for another kind of generator \\(16 bytes, not 5056 for a "
+                                         "cpu generator\\): an earlier version.*Start the run again in a new folder"):
+        train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True, device="cpu")
+
+
 def test_resume_needs_a_checkpoint(tiny_cifar, tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         train(tiny_model(), tiny_cifar, tiny_recipe(), progress=False, out=tmp_path, resume=True)

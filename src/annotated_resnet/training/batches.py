@@ -122,9 +122,20 @@ class DeviceBatches:
 
     def load_state(self, state: dict) -> None:
         """Continue from what :meth:`state` returned."""
-        self.order_generator.set_state(state["order_state"])
-        self.augment_generator.set_state(state["augment_state"])
+        restore_generator(self.order_generator, state["order_state"], "the batch order's")
+        restore_generator(self.augment_generator, state["augment_state"], "the augmentation's")
         self.skip = state["skip"]
+
+
+def restore_generator(generator: torch.Generator, state: torch.Tensor, whose: str) -> None:
+    """``generator.set_state(state)``, refusing with a message a state that a generator of
+    another kind wrote (a checkpoint of an earlier version, which kept it on another device)."""
+    if state.numel() != generator.get_state().numel():
+        raise ValueError(f"the checkpoint holds {whose} random state for another kind of generator ({state.numel()} "
+                         f"bytes, not {generator.get_state().numel()} for a {generator.device.type} generator): an "
+                         "earlier version of annotated_resnet wrote it, and this one cannot continue that run "
+                         "exactly. Start the run again in a new folder, or finish it with the version that wrote it.")
+    generator.set_state(state)
 
 
 class RunData:

@@ -51,7 +51,7 @@ from fastai.metrics import error_rate
 from fastai.optimizer import OptimWrapper
 from torch import nn
 
-from .batches import RunData
+from .batches import RunData, restore_generator
 from .checkpoints import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -195,7 +195,7 @@ class _Trainer:
             self.model.load_state_dict(checkpoint["model_state"])
             mine = checkpoint["process_states"][self.processes.rank] if self.processes.parallel else checkpoint
             self.train_batches.load_state(mine["loader"])
-            torch.set_rng_state(mine["torch_rng"])
+            restore_generator(torch.default_generator, mine["torch_rng"], "torch's default")
             self.saved_iteration = run.iteration
             if self.scaler and checkpoint.get("scaler_state"):
                 self.scaler.load_state_dict(checkpoint["scaler_state"])
