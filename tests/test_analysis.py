@@ -98,6 +98,16 @@ def test_shipped_runs_are_found_anywhere_and_say_what_they_trained_on(tmp_path):
     assert runs_at_one_schedule(runs, ["plain56", "resnet20"]) == {}
 
 
+def test_of_two_runs_as_long_the_one_on_all_50k_images_is_chosen(tmp_path):
+    make_run(tmp_path, "a/resnet20", "resnet20", 64_000, 0)
+    make_run(tmp_path, "b/resnet20", "resnet20", 64_000, 5_000)
+    make_run(tmp_path, "b/plain20", "plain20", 64_000, 5_000)
+    runs = shipped_runs(tmp_path)
+    assert [run.held_out for run in runs if run.name == "resnet20"] == [5_000, 0]
+    assert longest_runs(runs)["resnet20"].held_out == 0
+    assert runs_at_one_schedule(runs, ["plain20", "resnet20"])["resnet20"].held_out == 0
+
+
 def test_a_run_rebuilds_its_network_and_its_training_mean(tmp_path):
     make_run(tmp_path, "resnet20", "resnet20", 3_000, 5_000)
     run = shipped_runs(tmp_path)[0]
