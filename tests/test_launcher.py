@@ -14,7 +14,7 @@ from annotated_resnet.cli import build_parser, main, runs_from_args, train_optio
 from annotated_resnet.data import load_cifar10
 from annotated_resnet.reference_runs import load_reference_run, longest_reference_run, shipped_runs
 from annotated_resnet.model import cifar_resnet
-from annotated_resnet.training.launcher import Run, default_jobs, estimate_seconds
+from annotated_resnet.training.launcher import Run, _Timing, default_jobs, estimate_seconds
 from annotated_resnet.training.checkpoints import LOG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 from annotated_resnet.training.results import shipped_weights
 from annotated_resnet.training.step import describe_precision
@@ -157,6 +157,25 @@ def test_a_cpu_runs_one_process_per_core_and_a_gpu_one_at_a_time(monkeypatch):
     assert default_jobs(2, "cpu") == (2, 4)
     assert default_jobs(9, "cpu") == (8, 1)
     assert default_jobs(3, "cuda") == (1, None)
+
+
+def test_the_timing_reads_the_speed_of_an_epoch_trained_within_the_launch(tmp_path):
+    """A resumed run's first epoch spans a 10-hour stop; the estimate waits for the next."""
+    reports, runs = [], {"resnet20": Run("resnet20", "resnet20", 0)}
+    timing = _Timing(tmp_path, runs, 1_000, reports.append)
+    log = [{"iteration": 100, "seconds": 100.0}]
+    (tmp_path / "resnet20").mkdir()
+
+    def logged(*records):
+        log.extend(records)
+        (tmp_path / "resnet20" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+        timing.update({"resnet20": None}, [])
+
+    logged()  # the launch sees one epoch
+    logged({"iteration": 200, "seconds": 36_200.0})  # trained across the stop
+    assert reports == []
+    logged({"iteration": 300, "seconds": 36_300.0})  # 1 iteration per second
+    assert reports == [reports[0]] and "resnet20 1.00; the 700 iterations left need about 11.7 min" in reports[0]
 
 
 def test_the_estimate_is_the_work_left_over_the_work_done_per_second():

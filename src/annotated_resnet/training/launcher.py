@@ -160,8 +160,10 @@ class _Process:
 
 
 class _Timing:
-    """Once every running run has logged an epoch since the launch, reports how long the set
-    still needs (:func:`estimate_seconds`), from the runs' own logs."""
+    """Once every running run has logged two epochs since the launch, reports how long the set
+    still needs (:func:`estimate_seconds`), from the speed of the last epoch in the runs' own
+    logs: an epoch trained entirely within this launch (a resumed run's first epoch may span the
+    time the machine was stopped)."""
 
     def __init__(self, out: Path, runs: dict[str, Run], iterations: int, report):
         self.out, self.runs, self.iterations, self.report = out, runs, iterations, report
@@ -175,13 +177,11 @@ class _Timing:
         logs = {name: self._history(name) for name in running}
         for name, history in logs.items():
             self.seen.setdefault(name, len(history))
-        if any(len(history) < self.seen[name] + 1 for name, history in logs.items()):
+        if any(len(history) < self.seen[name] + 2 for name, history in logs.items()):
             return
         self.done = True
-        rates = {}
-        for name, history in logs.items():
-            before = history[-2] if len(history) >= 2 else {"iteration": 0, "seconds": 0.0}
-            rates[name] = (history[-1]["iteration"] - before["iteration"]) / (history[-1]["seconds"] - before["seconds"])
+        rates = {name: (history[-1]["iteration"] - history[-2]["iteration"]) /
+                 (history[-1]["seconds"] - history[-2]["seconds"]) for name, history in logs.items()}
         left = {name: self.iterations - history[-1]["iteration"] for name, history in logs.items()}
         left.update({run.name: self.iterations for run in pending})
         costs = {name: count_multiply_adds(create_model(self.runs[name].model), 32) for name in left}
