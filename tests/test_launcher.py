@@ -215,7 +215,7 @@ def test_longest_reference_run_picks_the_most_iterations_of_that_model(tmp_path)
         (folder / LOG_NAME).write_text("")
         torch.save({}, folder / WEIGHTS_NAME)
         (folder / PROVENANCE_NAME).write_text(json.dumps(
-            {"run": run, "status": status, "iterations_done": iterations}))
+            {"run": run, "status": status, "iterations_done": iterations, "data": {"validation_images": 0}}))
 
     ship(tmp_path / "resnet20", "resnet20", 3_000)
     ship(tmp_path / "full_schedule" / "resnet20", "resnet20", 64_000)
