@@ -17,7 +17,7 @@ def test_the_paper_recipe_has_sec_3_4_numbers():
     assert round(TORCHVISION_REFERENCE.epochs) == 90
     assert "[256, 480]" in PAPER.training_crop and "640" in PAPER.testing
     text = PAPER.describe()
-    assert text.splitlines()[0] == PAPER.name and "up to 600,000 iterations" in text
+    assert text.splitlines()[0] == PAPER.name and "iterations           up to 600,000 (an upper bound: at most 120 epochs)" in text
     assert "= 120 epochs" not in text and "at most 120 epochs" in text        # "up to": an upper bound
     assert "450,410 iterations = 90 epochs" in TORCHVISION_REFERENCE.describe()
 

@@ -64,7 +64,7 @@ class ImageNetRecipe:
                 continue
             value = getattr(self, f.name)
             if f.name == "iterations" and self.iterations_upper_bound:
-                value = f"up to {value:,} iterations (an upper bound: at most {self.epochs:.0f} epochs)"
+                value = f"up to {value:,} (an upper bound: at most {self.epochs:.0f} epochs)"
             elif f.name == "iterations":
                 value = f"{value:,} iterations = {self.epochs:.0f} epochs"
             rows.append((f.name.replace("_", " "), str(value)))
