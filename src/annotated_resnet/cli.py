@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=positive_float, metavar="LR", help="initial learning rate (paper: 0.1)")
     train.add_argument("--split", action="store_true",
                        help="hold out 5k of the 50k training images for validation (the paper's 45k/5k split, "
-                            "on which it fixed the schedule); default: train on all 50k, our reading of the "
+                            "on which it fixed at least the schedule's 64k end); default: train on all 50k, our reading of the "
                             "paper's \"trained on the training set\"")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     train.add_argument("--seed", type=int, default=0, help="initialisation, order and augmentation seed (default 0)")

@@ -114,7 +114,7 @@ def paper_recipe(name: str, split: bool = False) -> Recipe:
     plain110); the 110-layer nets and ResNet-1202 get the warm-up at lr 0.01 (Sec. 4.2's for
     ResNet-110; our reading for the others, see the module's docstring). It trains on all 50k
     training images (our reading of the paper's reported models); ``split=True`` holds out 5k
-    of them for validation, as the paper did to fix the schedule."""
+    of them for validation, as the paper did to fix (at least) the schedule's 64k end."""
     if name not in CIFAR_MODEL_NAMES:
         raise ValueError(f"no CIFAR-10 recipe for {name!r}; valid names: {', '.join(CIFAR_MODEL_NAMES)}")
     depth = int(name.removeprefix("resnet").removeprefix("plain"))
