@@ -1,7 +1,8 @@
 """Every notebook opens in Colab and stands alone: the badge and setup cell that
 ``tools/colab.py`` builds come first, no cell reaches into the repository checkout, and each
-notebook ends with a questionnaire and "going further" exercises, under headings that stand alone. One notebook is also run
-from a folder outside the repository to prove it needs nothing but the installed package."""
+notebook ends with a questionnaire and "going further" exercises, under headings that stand
+alone. One notebook is also run from a folder outside the repository to prove it needs nothing
+but the installed package."""
 
 import importlib.util
 import re
@@ -67,7 +68,6 @@ def test_ends_with_a_questionnaire_and_going_further(path):
     assert headings[-1].startswith("going further"), f"{path.name} must end with a 'Going further' section"
 
 
-
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_heading_stands_alone_in_its_cell(path):
     """Folding a heading in JupyterLab or Colab hides the cells below it, not the rest of the heading's
@@ -76,6 +76,7 @@ def test_every_heading_stands_alone_in_its_cell(path):
         lines = [line for line in cell.source.splitlines() if line.strip()]
         if cell.cell_type == "markdown" and any(line.startswith("#") for line in lines):
             assert len(lines) == 1, f"{path.name}, cell {index}: a heading shares its cell:\n{cell.source[:200]}"
+
 
 def test_a_notebook_runs_outside_the_repository(tmp_path):
     """Notebook 1 (the cheapest) copied to an empty folder and executed there."""
