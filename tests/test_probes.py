@@ -162,6 +162,9 @@ def test_load_trained_takes_the_longest_run_and_the_images_it_trained_on(tmp_pat
     assert not any((val == trained.train_images).all(axis=(1, 2, 3)).any() for val in val_images)
     assert torch.allclose(trained.mean, pixel_mean(train_images))
     assert trained.describe().startswith("300 iterations of batch 128 (0.5% of the paper's 64,000) on 80")
+    write_run(tmp_path / "full" / "plain20", "plain20", long, data, iterations=64_000)
+    assert load_trained("plain20", cifar, folder=tmp_path).describe().startswith(
+        "64,000 iterations of batch 128 (the paper's full schedule) on 80 training images, CPU")
 
 
 def test_load_trained_reestimates_batchnorm_statistics_stored_as_infinity(tmp_path):

@@ -243,9 +243,10 @@ class TrainedNet(NamedTuple):
         """How long, on what, and on which data the net was trained, in one line."""
         recipe, data = self.provenance["recipe"], self.provenance["data"]
         fraction = self.iterations / recipe["paper_iterations"]
-        return (f"{self.iterations:,} iterations of batch {recipe['batch_size']} ({fraction:.1%} of the paper's "
-                f"{recipe['paper_iterations']:,}) on {data['train_images']:,} training images, "
-                f"{self.provenance['device']}")
+        length = "the paper's full schedule" if fraction == 1 else \
+            f"{fraction:.1%} of the paper's {recipe['paper_iterations']:,}"
+        return (f"{self.iterations:,} iterations of batch {recipe['batch_size']} ({length}) on "
+                f"{data['train_images']:,} training images, {self.provenance['device']}")
 
 
 def longest_common_length(names, folder=None) -> int:
