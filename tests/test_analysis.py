@@ -54,9 +54,11 @@ import json
 
 from annotated_resnet.reference_runs import longest_runs, runs_at_one_schedule, shipped_runs
 from annotated_resnet.data import pixel_mean, train_val_split
+from annotated_resnet.training.results import device_name
 
 
-def make_run(root, folder, name, iterations, held_out, status="finished", command="annotated-resnet reproduce fig6"):
+def make_run(root, folder, name, iterations, held_out, status="finished", command="annotated-resnet reproduce fig6",
+             device="a test GPU"):
     """A run folder in the reference-run format, for a tiny 8-layer net."""
     run = root / folder
     run.mkdir(parents=True)
@@ -69,7 +71,7 @@ def make_run(root, folder, name, iterations, held_out, status="finished", comman
     (run / "log.jsonl").write_text(json.dumps({"epoch": 1, "iteration": iterations, "train_error": 0.5,
                                                "test_error": 0.6}) + "\n")
     provenance = {
-        "run": name, "status": status, "iterations_done": iterations, "device": "a test GPU", "seed": 0,
+        "run": name, "status": status, "iterations_done": iterations, "device": device, "seed": 0,
         "data": {"source": "archive of an image-folder tree of JPEGs (lossy ...): /x.tar.gz",
                  "train_images": 50_000 - held_out, "test_images": 10_000, "validation_images": held_out,
                  "data_seed": 0},
@@ -77,6 +79,13 @@ def make_run(root, folder, name, iterations, held_out, status="finished", comman
         "model": {"depth": depth, "shortcut": shortcut, "base_width": 16}, "command": command,
     }
     (run / "provenance.json").write_text(json.dumps(provenance))
+
+
+def test_a_run_says_whether_a_gpu_trained_it(tmp_path):
+    make_run(tmp_path, "gpu/resnet20", "resnet20", 64_000, 5_000, device="NVIDIA H100 80GB HBM3")
+    make_run(tmp_path, "cpu/resnet20", "resnet20", 64_000, 0, device=device_name("cpu"))
+    on_gpu = {run.folder.parent.name: run.on_gpu for run in shipped_runs(tmp_path)}
+    assert on_gpu == {"gpu": True, "cpu": False}
 
 
 def test_shipped_runs_are_found_anywhere_and_say_what_they_trained_on(tmp_path):

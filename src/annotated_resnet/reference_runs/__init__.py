@@ -58,6 +58,11 @@ class ReferenceRun:
         return self.iterations == self.provenance["recipe"]["paper_iterations"]
 
     @property
+    def on_gpu(self) -> bool:
+        """Whether a GPU trained it: the provenance names the GPU, or the CPU as "CPU <model> ..."."""
+        return not self.provenance["device"].startswith("CPU")
+
+    @property
     def held_out(self) -> int:
         """Training images held out for validation: 5,000 for the 45k/5k split, 0 for all 50k."""
         return self.provenance["data"]["validation_images"]
